@@ -1,0 +1,5 @@
+"""`python -m dcesynth ...`, also what `torchrun -m dcesynth train ...` runs."""
+
+from dcesynth.cli import main
+
+main()

@@ -1,0 +1,272 @@
+"""The `dcesynth` command line: one command per stage; each parses, calls the library, prints.
+
+Bad input ends with exit code 2 and one ``error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from dcesynth.io import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Synthesize delayed-phase breast DCE-MRI and kinetic curves (iterU-Net).",
+)
+console = Console(stderr=True)
+
+
+@app.callback()
+def commands() -> None:
+    """Synthesize delayed-phase breast DCE-MRI and kinetic curves (iterU-Net)."""
+    # A callback keeps `dcesynth simulate OUT` a subcommand even while it is the only command.
+
+
+def exits_on_input_error(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn InputError into one `error:` line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as exc:
+            message = " ".join(str(exc).split())
+            print(f"error: {message}", file=sys.stderr)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def parse_times(text: str | None) -> list[float] | None:
+    """'0,85,155' -> [0.0, 85.0, 155.0]; validated as acquisition times."""
+    if text is None:
+        return None
+    from dcesynth.case import validate_times
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise InputError(f"--times: expected comma-separated seconds, got {text!r}") from exc
+    return validate_times(values, where="--times")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+    )
+
+
+@app.command()
+@exits_on_input_error
+def simulate(
+    out: Annotated[Path, typer.Argument(help="Output folder for the cohort.")],
+    cases: Annotated[int, typer.Option(help="Number of cases.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed: fixes anatomy, kinetics and noise.")] = 0,
+    shape: Annotated[tuple[int, int, int], typer.Option(help="Volume size X Y Z in voxels.")] = (
+        128,
+        128,
+        64,
+    ),
+    times: Annotated[
+        str | None, typer.Option(help="Acquisition times in s, pre first (default: paper's).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: all cores).")] = None,
+    report: Annotated[bool, typer.Option(help="Also write OUT/report/index.html.")] = False,
+) -> None:
+    """Simulate a breast DCE-MRI cohort with ground-truth kinetics."""
+    from dcesynth.io import check_writable_dir
+    from dcesynth.phantom import PhantomConfig, simulate_cohort
+
+    if cases < 1:
+        raise InputError(f"--cases: need at least 1 case, got {cases}")
+    config = PhantomConfig(
+        shape=tuple(shape), times_s=tuple(parse_times(times) or PhantomConfig.times_s)
+    )
+    config.validate()
+    check_writable_dir(out)
+    with progress_bar() as bar:
+        task = bar.add_task("simulate", total=cases, status="")
+        folders = simulate_cohort(
+            out,
+            cases,
+            seed=seed,
+            config=config,
+            workers=workers,
+            progress=lambda case_id: bar.update(task, advance=1, status=case_id),
+        )
+    print(f"wrote {len(folders)} cases to {out}")
+    if report:
+        from dcesynth.report import write_cohort_report
+
+        page = write_cohort_report(out, out / "report")
+        print(f"cohort report: {page}")
+
+
+@app.command()
+@exits_on_input_error
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder of cases (e.g. from `simulate`).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    model: Annotated[str, typer.Option(help="iterunet or baseline.")] = "iterunet",
+    preset: Annotated[str, typer.Option(help="demo, cpu, gpu or paper.")] = "demo",
+    no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Ablation: skip stage 1.")] = False,
+    no_temporal: Annotated[
+        bool, typer.Option("--no-temporal", help="Ablation: no time embedding, no ConvLSTM.")
+    ] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    perceptual_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="MedicalNet ResNet-10 weights (.pth/.safetensors) for the perceptual loss."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
+) -> None:
+    """Train iterU-Net (two stages) or the per-phase baseline on a folder of cases."""
+    import dataclasses
+    import logging
+
+    from dcesynth.config import preset as make_preset
+    from dcesynth.train.trainer import Trainer
+
+    config = make_preset(preset, model=model, temporal=not no_temporal, warmup=not no_warmup)
+    overrides = {k: v for k, v in (("seed", seed), ("amp", amp)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
+    setup_logging()
+    trainer = Trainer(data, out, config, resume=resume, perceptual_weights=perceptual_weights)
+    setup_logging(out)
+    total = min(trainer.config.train.total_steps, max_steps or trainer.config.train.total_steps)
+    show = trainer.rank == 0
+    with progress_bar() as bar:
+        task = bar.add_task(
+            f"train {trainer.config.model.name}",
+            total=total,
+            completed=trainer.step,
+            status="",
+            visible=show,
+        )
+
+        def on_step(step, stage, terms, speed):
+            bar.update(
+                task, completed=step, status=f"{stage} loss {terms['total']:.3f} {speed:.2f} it/s"
+            )
+
+        metrics = trainer.fit(max_steps=max_steps, on_step=on_step)
+    if show:
+        logging.getLogger("dcesynth").info("done: step %d, run in %s", trainer.step, out)
+        if metrics:
+            print(
+                f"step {trainer.step}: val enh. error last phase "
+                f"{metrics['val_enh_error_last']:.4f} (copy 1st post "
+                f"{metrics['val_enh_error_last_copy']:.4f})"
+            )
+
+
+@app.command("import")
+@exits_on_input_error
+def import_(
+    kind: Annotated[str, typer.Argument(help="reference, mama-mia or duke.")],
+    src: Annotated[Path, typer.Argument(help="Source folder of the cohort.")],
+    out: Annotated[Path, typer.Option("--out", help="Data folder to write cases to.")],
+    times: Annotated[str | None, typer.Option(help="Acquisition times in s, pre first.")] = None,
+    cases: Annotated[str | None, typer.Option(help="Only these case ids, comma-separated.")] = None,
+    roi_dir: Annotated[
+        Path | None, typer.Option(help="Folder of {id}.nii.gz breast masks.")
+    ] = None,
+    mapping: Annotated[
+        Path | None, typer.Option(help="Duke file-path mapping spreadsheet.")
+    ] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Duke Annotation_Boxes.xlsx.")] = None,
+    resample: Annotated[
+        bool, typer.Option("--resample", help="Resample mismatched grids to the pre phase.")
+    ] = False,
+) -> None:
+    """Import a public cohort (reference layout, MAMA-MIA, Duke DICOM) into case folders."""
+    from rich.table import Table
+
+    from dcesynth.data.importers import NothingImportedError, import_cohort
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"import {kind}", total=None, status="")
+
+        def on_case(case_id: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, status=case_id)
+
+        try:
+            summary = import_cohort(
+                kind,
+                src,
+                out,
+                times_s=parse_times(times),
+                case_ids=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
+                roi_dir=roi_dir,
+                mapping=mapping,
+                annotations=annotations,
+                resample=resample,
+                progress=on_case,
+            )
+        except NothingImportedError as exc:
+            print_import_summary(exc.summary, Table)
+            raise
+    print_import_summary(summary, Table)
+    print(f"imported {len(summary.written)} cases to {out}")
+
+
+def print_import_summary(summary, table_class) -> None:
+    table = table_class(title="import summary")
+    table.add_column("case")
+    table.add_column("result")
+    for case_id in summary.written:
+        table.add_row(case_id, "[green]written")
+    for case_id, reason in summary.skipped:
+        table.add_row(case_id, f"[yellow]skipped:[/] {reason}")
+    console.print(table)
+
+
+def setup_logging(run_dir: Path | None = None) -> None:
+    """Log to stderr via rich, and to RUN/train.log when a run folder is given."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("dcesynth")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
+    if run_dir is not None:
+        handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Typed configuration: one frozen dataclass per concern, presets as data.
+
+A run writes its resolved :class:`RunConfig` to ``RUN/config.json`` beside the
+weights, so a run folder explains itself and ``predict`` rebuilds the model from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcesynth.io import InputError
+
+PAPER_FEATURES = (28, 32, 64, 128, 256, 28)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network choice.
+
+    Attributes:
+        name: "iterunet" (one network applied iteratively) or "baseline" (one plain
+            U-Net per target phase, the paper's comparison).
+        features: channels per U-Net level (MONAI BasicUNet convention, 6 values).
+        temporal: time embedding + ConvLSTM; False is the paper's ablation.
+    """
+
+    name: str = "iterunet"
+    features: tuple[int, ...] = PAPER_FEATURES
+    temporal: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule and sampling.
+
+    Attributes:
+        patch: crop size (X, Y, Z), each divisible by 16.
+        cases_per_step: cases per optimiser step; each gives 2 patches (one centred
+            in a lesion, one anywhere in the breast ROI), so the batch is twice this.
+        warmup_steps: stage 1, teacher forcing (real phase k in, k+1 out).
+        optim_steps: stage 2, free-running rollout from the warm-up weights.
+        lr, weight_decay: AdamW.
+        enhancement_mask: weight prediction and target by sqrt(|last - first post|)
+            in stage 2, as the reference code does.
+        loss_weights: (l1, ssim, perceptual, gdl).
+        val_fraction: share of cases held out for validation (at least one).
+        val_every: steps between validations (and checkpoints).
+        amp: bf16 autocast (CPU with AVX-512 BF16 and CUDA).
+        workers: data-loading worker processes (0 = in the main process).
+        seed: fixes the split, sampling, augmentation and initialisation.
+    """
+
+    patch: tuple[int, int, int] = (96, 96, 48)
+    cases_per_step: int = 1
+    warmup_steps: int = 3200
+    optim_steps: int = 3200
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    enhancement_mask: bool = True
+    loss_weights: tuple[float, float, float, float] = (0.1, 1.0, 1.0, 0.1)
+    val_fraction: float = 0.2
+    val_every: int = 160
+    amp: bool = True
+    workers: int = 0
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.optim_steps
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs, written to RUN/config.json."""
+
+    preset: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunConfig:
+        model = ModelConfig(**{k: _tuple(v) for k, v in data["model"].items()})
+        train = TrainConfig(**{k: _tuple(v) for k, v in data["train"].items()})
+        return cls(preset=data["preset"], model=model, train=train, version=data.get("version", ""))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunConfig:
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise InputError(f"{path}: not a run folder (config.json missing)")
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: invalid run config ({exc})") from exc
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+SMALL_FEATURES = (8, 8, 16, 32, 64, 8)
+
+# The paper: 40 epochs of 160 cases, batch 1 case (2 patches). The split between
+# stages is not given; we spend half on each.
+PRESETS: dict[str, RunConfig] = {
+    "demo": RunConfig(
+        preset="demo",
+        model=ModelConfig(features=SMALL_FEATURES),
+        train=TrainConfig(
+            patch=(48, 48, 32),
+            cases_per_step=2,
+            warmup_steps=90,
+            optim_steps=90,
+            lr=2e-3,
+            weight_decay=1e-3,
+            val_every=30,
+        ),
+    ),
+    "cpu": RunConfig(
+        preset="cpu",
+        model=ModelConfig(features=(16, 16, 32, 64, 128, 16)),
+        train=TrainConfig(
+            patch=(64, 64, 32),
+            cases_per_step=1,
+            warmup_steps=500,
+            optim_steps=500,
+            lr=1e-3,
+            weight_decay=1e-3,
+            val_every=100,
+        ),
+    ),
+    "paper": RunConfig(
+        preset="paper",
+        model=ModelConfig(features=PAPER_FEATURES),
+        train=TrainConfig(patch=(96, 96, 48), warmup_steps=3200, optim_steps=3200, val_every=160),
+    ),
+}
+
+
+def preset(
+    name: str, model: str = "iterunet", temporal: bool = True, warmup: bool = True
+) -> RunConfig:
+    """The named preset with the command line's model choice and ablations applied."""
+    if name not in PRESETS:
+        raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if model not in ("iterunet", "baseline"):
+        raise InputError(f"--model: unknown model {model!r}; choose iterunet or baseline")
+    base = PRESETS[name]
+    train = base.train
+    if not warmup or model == "baseline":
+        # Without warm-up the optimisation stage gets the whole budget; the baseline has
+        # no feedback loop, so its single stage is the whole budget too.
+        train = dataclasses.replace(train, warmup_steps=0, optim_steps=train.total_steps)
+    model_config = dataclasses.replace(
+        base.model, name=model, temporal=temporal and model == "iterunet"
+    )
+    from dcesynth import __version__
+
+    return RunConfig(preset=name, model=model_config, train=train, version=__version__)

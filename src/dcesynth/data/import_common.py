@@ -1,0 +1,270 @@
+"""Pieces every importer shares: file look-up, spreadsheets, times, grids, case assembly.
+
+Each importer turns one source case into images with their own affines; this module
+puts them on the pre phase's grid (or refuses), fills in the automatic breast ROI
+when no mask is given, and builds the :class:`~dcesynth.case.Case` that
+``save_case`` writes. Problems with one case raise :class:`InputError`; the cohort
+loop turns that into a skip with the message as the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openpyxl
+from openpyxl.utils.exceptions import InvalidFileException
+from scipy import ndimage
+
+from dcesynth.case import Case, validate_times
+from dcesynth.data.breast_mask import automatic_breast_mask
+from dcesynth.io import AFFINE_ATOL, InputError
+
+Image = tuple[np.ndarray, np.ndarray]
+"""An (X, Y, Z) array and its 4x4 RAS+ affine."""
+
+TIMES_ORIGIN_INJECTION = "injection"
+TIMES_ORIGIN_PRE_START = "pre_acquisition_start"
+"""``meta.json`` ``times_origin``: what the source's 0 s is (see the importers README)."""
+
+
+class FolderIndex:
+    """Case-insensitive file look-up in one folder, listed once (sources mix DUKE_001/duke_001)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        entries = sorted(folder.iterdir()) if folder is not None and folder.is_dir() else []
+        self._by_lower = {path.name.lower(): path for path in entries}
+
+    def find(self, *names: str) -> Path | None:
+        """The first entry whose name equals one of ``names``, ignoring case."""
+        for name in names:
+            path = self._by_lower.get(name.lower())
+            if path is not None:
+                return path
+        return None
+
+    def consecutive(self, stem: Callable[[int], str]) -> list[Path]:
+        """NIfTI files named ``stem(0), stem(1), ...`` up to the first one missing."""
+        found: list[Path] = []
+        while (path := self.find(*nifti_names(stem(len(found))))) is not None:
+            found.append(path)
+        return found
+
+
+def nifti_names(stem: str) -> tuple[str, str]:
+    """The file names a NIfTI image called ``stem`` may have."""
+    return f"{stem}.nii.gz", f"{stem}.nii"
+
+
+def header_key(value: Any) -> str:
+    return re.sub(r"[\s_]+", " ", str(value)).strip().lower()
+
+
+def read_table(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """Rows of a spreadsheet (``.xlsx``, every sheet tried) or ``.csv`` as dicts, streamed.
+
+    The header is the first row (among the first 10 of a sheet) that holds all
+    ``required`` columns; only that sheet's rows are given. Keys are normalised:
+    lower case, ``_`` and runs of spaces turned into one space (``"Patient ID"`` and
+    ``"patient_id"`` both give ``"patient id"``). Empty rows are left out.
+
+    Raises:
+        InputError: unreadable file, or no sheet with the required columns.
+    """
+    wanted = {header_key(name) for name in required}
+    try:
+        for rows in _sheets(path):
+            keys = None
+            for number, row in enumerate(rows):
+                if keys is not None:
+                    if any(cell not in (None, "") for cell in row):
+                        yield dict(zip(keys, row, strict=False))
+                elif number >= 10:
+                    break
+                elif wanted <= {header_key(cell) for cell in row if cell is not None}:
+                    keys = [header_key(cell) if cell is not None else "" for cell in row]
+            if keys is not None:
+                return
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, InvalidFileException) as exc:
+        raise InputError(f"{path}: cannot read spreadsheet ({exc})") from exc
+    raise InputError(f"{path}: no sheet with the columns {', '.join(sorted(required))}")
+
+
+def _sheets(path: Path) -> Iterator[Iterator[tuple]]:
+    """Row iterators of each sheet of an ``.xlsx`` file, or of a ``.csv`` file."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            yield (tuple(row) for row in csv.reader(handle))
+        return
+    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    try:
+        for sheet in book.worksheets:
+            yield sheet.iter_rows(values_only=True)
+    finally:
+        book.close()
+
+
+def parse_times(value: Any, where: str) -> list[float] | None:
+    """Numbers from a list or a string such as ``"[0, 84.5, 169]"``; None when absent.
+
+    Missing values (None, empty, NaN anywhere) give None, so that a fallback applies.
+    ``where`` names the file and field in errors.
+
+    Raises:
+        InputError: a value that is present but not a list of numbers.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        tokens = [t for t in re.split(r"[\s,;]+", value.strip().strip("[]()")) if t]
+        if not tokens:
+            return None
+        items: list[Any] = tokens
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, int | float):
+        items = [value]
+    else:
+        raise InputError(f"{where}: expected a list of seconds, got {value!r}")
+    try:
+        times = [float(item) for item in items]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where}: expected numbers, got {value!r}") from exc
+    if not times or any(math.isnan(t) for t in times):
+        return None
+    return times
+
+
+def times_after_pre(times: list[float], n_phases: int, where: str) -> list[float]:
+    """Source acquisition times -> contract ``times_s`` (pre at 0 s, one per phase).
+
+    A list with one time per phase is taken relative to its first entry (the pre
+    phase); a list one shorter holds only the post-contrast offsets and gets pre = 0
+    in front.
+
+    Raises:
+        InputError: a count that fits neither, or times not strictly increasing.
+    """
+    if len(times) == n_phases:
+        times_s = [t - times[0] for t in times]
+    elif len(times) == n_phases - 1:
+        times_s = [0.0, *times]
+    else:
+        raise InputError(f"{where}: {len(times)} acquisition times for {n_phases} phases")
+    return validate_times(times_s, n_phases, where=where)
+
+
+def option_times(times_s: list[float] | None, n_phases: int, where: str) -> list[float]:
+    """The ``--times`` fallback for a case with ``n_phases`` phases.
+
+    Raises:
+        InputError: no ``--times`` ("times missing and no --times"), or a count mismatch.
+    """
+    if times_s is None:
+        raise InputError(f"{where}: times missing and no --times")
+    if len(times_s) != n_phases:
+        raise InputError(f"{where}: --times gives {len(times_s)} times for {n_phases} phases")
+    return list(times_s)
+
+
+def on_grid(
+    name: str, image: Image, grid: tuple[tuple[int, ...], np.ndarray], resample: bool, order: int
+) -> np.ndarray:
+    """``image`` on ``grid`` = (shape, affine): as it is, resampled, or refused.
+
+    Args:
+        name: what to name in the error (a file or phase).
+        image: (X, Y, Z) array and its affine.
+        grid: the target (X, Y, Z) shape and 4x4 affine (the pre phase's).
+        resample: resample a different grid (trilinear for ``order=1``, nearest
+            neighbour for ``order=0``; zero outside the source's field of view).
+        order: spline order, 1 for images, 0 for masks.
+
+    Raises:
+        InputError: the grids differ and ``resample`` is False.
+    """
+    data, affine = image
+    shape, target_affine = grid
+    if data.shape == tuple(shape) and np.allclose(affine, target_affine, atol=AFFINE_ATOL):
+        return data
+    if not resample:
+        raise InputError(
+            f"{name}: grid (shape {data.shape}) differs from the pre phase's (shape {shape}); "
+            "pass --resample to resample it onto the pre grid"
+        )
+    # Target voxel -> world -> source voxel.
+    matrix = np.linalg.inv(affine) @ target_affine
+    return ndimage.affine_transform(
+        data, matrix[:3, :3], matrix[:3, 3], output_shape=tuple(shape), order=order, cval=0.0
+    )
+
+
+def integer_labels(name: str, data: np.ndarray) -> np.ndarray:
+    """A mask as integers; InputError when it holds fractions or non-finite values."""
+    if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+        raise InputError(f"{name}: mask must hold integer labels")
+    return np.asarray(data).astype(np.int16)
+
+
+def assemble_case(
+    case_id: str,
+    source: str,
+    phases: list[tuple[str, Image]],
+    times_s: list[float],
+    seg: tuple[str, Image] | None,
+    roi: tuple[str, Image] | None,
+    resample: bool,
+    extra: dict[str, Any],
+) -> Case:
+    """Put everything on the pre phase's grid and build the case.
+
+    Args:
+        case_id: the case folder name.
+        source: ``"reference"``, ``"mama-mia"`` or ``"duke"``.
+        phases: (name, image) per phase, pre first.
+        times_s: contract times, one per phase.
+        seg: (name, integer label image), or None for no lesion labels (all 0).
+        roi: (name, mask image), or None for the automatic breast mask, which sets
+            ``roi_automatic`` in ``meta.json``.
+        resample: resample images on another grid instead of refusing them.
+        extra: further ``meta.json`` fields.
+
+    Raises:
+        InputError: grids that differ without ``resample``, non-integer masks, or an
+            empty automatic mask.
+    """
+    grid = (phases[0][1][0].shape, phases[0][1][1])
+    stack = np.stack(
+        [on_grid(name, (d.astype(np.float32), a), grid, resample, 1) for name, (d, a) in phases]
+    )
+    if seg is None:
+        labels = np.zeros(grid[0], np.int16)
+    else:
+        labels = on_grid(seg[0], (integer_labels(seg[0], seg[1][0]), seg[1][1]), grid, resample, 0)
+    extra = dict(extra)
+    if roi is None:
+        mask = automatic_breast_mask(stack.mean(axis=0), grid[1], where=case_id)
+        extra["roi_automatic"] = True
+    else:
+        binary = (integer_labels(roi[0], roi[1][0]) > 0).astype(np.uint8)
+        mask = on_grid(roi[0], (binary, roi[1][1]), grid, resample, 0)
+        extra.setdefault("roi_automatic", False)
+    lesions = [{"label": int(label)} for label in np.unique(labels) if label > 0]
+    return Case(
+        case_id=case_id,
+        phases=stack,
+        times_s=times_s,
+        seg=labels.astype(np.int16),
+        roi=np.asarray(mask).astype(np.uint8),
+        affine=np.asarray(grid[1], dtype=np.float64),
+        source=source,
+        lesions=lesions,
+        extra=extra,
+    )

@@ -1,0 +1,75 @@
+"""The paper's own layout: ``SRC/CASE/pre.nii.gz, 1dyn.nii.gz ... Ndyn.nii.gz, seg, roi``.
+
+There is no meta.json: the phases are ``pre`` and every consecutive ``Ndyn`` present
+(1dyn, 2dyn, ... up to the first missing one); the times are ``--times`` when given,
+else the paper's protocol (:data:`~dcesynth.case.PAPER_TIMES_S`) when there are six
+phases. ``seg`` keeps its integer labels; ``roi`` is binarised (> 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dcesynth.case import PAPER_TIMES_S, Case, phase_names
+from dcesynth.data.import_common import (
+    TIMES_ORIGIN_INJECTION,
+    FolderIndex,
+    assemble_case,
+    nifti_names,
+    option_times,
+)
+from dcesynth.io import InputError, load_nifti
+
+
+class ReferenceSource:
+    """Cases of ``src`` in the reference layout, one sub-folder each."""
+
+    source = "reference"
+
+    def __init__(self, src: Path, times_s: list[float] | None, resample: bool):
+        self.src = src
+        self.times_s = times_s
+        self.resample = resample
+
+    def cases(self) -> dict[str, Path]:
+        """Case id (folder name) -> case folder, for every visible sub-folder."""
+        return {
+            path.name: path
+            for path in sorted(self.src.iterdir())
+            if path.is_dir() and not path.name.startswith(".")
+        }
+
+    def load(self, case_id: str, folder: Path) -> Case:
+        """Read one case folder.
+
+        Raises:
+            InputError: missing pre, 1dyn, seg or roi; unreadable images; times
+                missing and no ``--times``; a ``--times`` count that does not match.
+        """
+        files = FolderIndex(folder)
+        paths = files.consecutive(lambda k: phase_names(k + 1)[-1])
+        if not paths:
+            raise InputError(f"{folder}: pre.nii.gz missing")
+        if len(paths) < 2:
+            raise InputError(f"{folder}: no post-contrast phase (1dyn.nii.gz) found")
+        n_phases = len(paths)
+        if self.times_s is None and n_phases == len(PAPER_TIMES_S):
+            times_s = list(PAPER_TIMES_S)
+        else:
+            times_s = option_times(self.times_s, n_phases, where=str(folder))
+        masks = {}
+        for name in ("seg", "roi"):
+            path = files.find(*nifti_names(name))
+            if path is None:
+                raise InputError(f"{folder}: {name}.nii.gz missing")
+            masks[name] = (str(path), load_nifti(path))
+        return assemble_case(
+            case_id,
+            self.source,
+            [(str(path), load_nifti(path)) for path in paths],
+            times_s,
+            seg=masks["seg"],
+            roi=masks["roi"],
+            resample=self.resample,
+            extra={"times_origin": TIMES_ORIGIN_INJECTION},
+        )

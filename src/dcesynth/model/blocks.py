@@ -1,0 +1,284 @@
+"""Building blocks of the models: time embedding, ConvLSTM, and the one U-Net body.
+
+The convolutional blocks (two 3x3x3 convolutions with norm and activation, max-pool
+down-sampling, transposed-convolution up-sampling with skip concatenation) are MONAI's
+`TwoConv`, `Down` and `UpCat`; `UNet3D` assembles them like MONAI's `BasicUNet`, with
+optional time conditioning and ConvLSTM. Inputs to `UNet3D` must have every spatial axis
+divisible by 16, because it halves each axis four times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
+
+PAPER_FEATURES = (28, 32, 64, 128, 256, 28)
+"""Channels of encoder levels 0-4 and of the last decoder level, as in the paper."""
+
+SPATIAL_MULTIPLE = 16
+DEFAULT_ACT = ("LeakyReLU", {"negative_slope": 0.1})
+DEFAULT_NORM = ("instance", {"affine": True})
+
+LSTMState = tuple[torch.Tensor, torch.Tensor]
+"""ConvLSTM ``(hidden, cell)`` state, each ``(B, C, X, Y, Z)``."""
+
+MIN_PERIOD_S = 10.0
+"""Shortest sinusoid period: times a few seconds apart get distinct encodings."""
+
+MAX_PERIOD_S = 2400.0
+"""Longest sinusoid period, 4 x 600 s: its sine rises monotonically over 0..600 s, so no two
+times in that range share an encoding."""
+
+
+class SinusoidalTimeEncoding(nn.Module):
+    """Fixed sinusoidal encoding of physical times in seconds.
+
+    Periods are spaced geometrically from `min_period_s` to `max_period_s`, so the
+    acquisition times of a DCE series (0 to ~600 s after injection) are resolved both
+    finely (short periods) and without ambiguity (the longest period is 4 x 600 s). The
+    usual transformer scale (periods 2*pi s to 2*pi*10^4 s) would spend most channels on
+    periods far longer than the series, where the encoding is nearly constant.
+
+    Args:
+        dim: encoding size; half sines, half cosines. Must be even and >= 4.
+        min_period_s: shortest period in seconds.
+        max_period_s: longest period in seconds.
+    """
+
+    def __init__(
+        self, dim: int, min_period_s: float = MIN_PERIOD_S, max_period_s: float = MAX_PERIOD_S
+    ):
+        super().__init__()
+        if dim < 4 or dim % 2:
+            raise ValueError(f"dim: expected an even number >= 4, got {dim}")
+        n_frequencies = dim // 2
+        log_periods = torch.linspace(math.log(min_period_s), math.log(max_period_s), n_frequencies)
+        # Not persistent: a fixed function of the arguments, so checkpoints need not hold it.
+        self.register_buffer(
+            "angular_frequencies_per_s", 2 * math.pi * torch.exp(-log_periods), persistent=False
+        )
+
+    def forward(self, times_s: torch.Tensor) -> torch.Tensor:
+        """Encode times.
+
+        Args:
+            times_s: `(B,)` times in seconds after contrast injection.
+
+        Returns:
+            `(B, dim)` float32 encoding: sines then cosines.
+        """
+        angles = times_s.float()[:, None] * self.angular_frequencies_per_s[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class TimeEmbedding(nn.Module):
+    """Embedding of one iteration step from the current and the target phase time.
+
+    The step is described by two physical times: the time of the phase fed in
+    (`current_time_s`) and the time of the phase to predict (`target_time_s`). Each gets
+    a `time_dim // 2` sinusoidal encoding (`SinusoidalTimeEncoding`); the two are
+    concatenated (target first) and passed through a Linear-GELU-Linear MLP. A final
+    GELU is applied once here, so that each U-Net block's own linear projection of the
+    result is not a mere continuation of the MLP's last linear layer.
+
+    Args:
+        time_dim: embedding size `D`; a multiple of 4 (two encodings of sines and cosines).
+    """
+
+    def __init__(self, time_dim: int = 128):
+        super().__init__()
+        if time_dim < 8 or time_dim % 4:
+            raise ValueError(f"time_dim: expected a multiple of 4 that is >= 8, got {time_dim}")
+        self.encoding = SinusoidalTimeEncoding(time_dim // 2)
+        self.mlp = nn.Sequential(
+            nn.Linear(time_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
+
+    def forward(self, current_time_s: torch.Tensor, target_time_s: torch.Tensor) -> torch.Tensor:
+        """Embed one step.
+
+        Args:
+            current_time_s: `(B,)` acquisition time of the input phase, seconds.
+            target_time_s: `(B,)` acquisition time of the phase to predict, seconds.
+
+        Returns:
+            `(B, time_dim)` embedding.
+        """
+        encoding = torch.cat([self.encoding(target_time_s), self.encoding(current_time_s)], dim=1)
+        return F.gelu(self.mlp(encoding))
+
+
+class ConvLSTMCell3D(nn.Module):
+    """Convolutional LSTM cell (Shi et al., NeurIPS 2015) for 3-D feature maps.
+
+    One convolution of the input and the hidden state, concatenated along channels, gives
+    the four gates (`input_channels + hidden_channels -> 4 * hidden_channels`).
+
+    Args:
+        input_channels: channels of the input feature map.
+        hidden_channels: channels of the hidden and cell state.
+        kernel_size: gate convolution kernel size (odd; "same" padding).
+    """
+
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd number, got {kernel_size}")
+        self.input_channels = input_channels
+        self.gates = Conv["conv", 3](
+            input_channels + hidden_channels,
+            4 * hidden_channels,
+            kernel_size=kernel_size,
+            padding=kernel_size // 2,
+        )
+
+    def forward(self, x: torch.Tensor, state: LSTMState | None = None) -> LSTMState:
+        """Advance the state by one step.
+
+        Args:
+            x: `(B, input_channels, X, Y, Z)` input features.
+            state: previous `(hidden, cell)`, each `(B, hidden_channels, X, Y, Z)`;
+                None means both are zero (the initial state).
+
+        Returns:
+            The new `(hidden, cell)`; `hidden` is also the cell's output.
+        """
+        if state is None:
+            # A zero hidden state adds nothing to the gates: convolve the input alone.
+            weight = self.gates.weight[:, : self.input_channels]
+            gates = F.conv3d(x, weight, self.gates.bias, padding=self.gates.padding)
+        else:
+            gates = self.gates(torch.cat([x, state[0]], dim=1))
+        input_gate, forget_gate, output_gate, candidate = gates.chunk(4, dim=1)
+        cell = torch.sigmoid(input_gate) * torch.tanh(candidate)
+        if state is not None:
+            cell = cell + torch.sigmoid(forget_gate) * state[1]
+        hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+        return hidden, cell
+
+
+class UNet3D(nn.Module):
+    """3-D U-Net body: 4 max-pool levels, transposed-conv up-sampling, skip concatenation.
+
+    With `time_dim`, every encoder and decoder block has its own `Linear(time_dim, C)`
+    projection of the step embedding, added to the block output as `(B, C, 1, 1, 1)`.
+    With `recurrent`, a `ConvLSTMCell3D` replaces the level-0 features by its hidden state
+    before the first down-sampling (time is added after it, so the state is time-free).
+
+    Args:
+        in_channels: channels of the input `x`.
+        out_channels: channels of the 1x1x1 output convolution.
+        features: six channel counts: encoder levels 0-4, then the last decoder level.
+        time_dim: size `D` of the step embedding; None for no time conditioning.
+        recurrent: add the ConvLSTM on the level-0 features.
+        act: activation, MONAI form (`"name"` or `("name", {kwargs})`).
+        norm: normalisation, MONAI form.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2,
+        out_channels: int = 1,
+        features: Sequence[int] = PAPER_FEATURES,
+        time_dim: int | None = None,
+        recurrent: bool = False,
+        act: str | tuple = DEFAULT_ACT,
+        norm: str | tuple = DEFAULT_NORM,
+    ):
+        super().__init__()
+        if len(features) != 6:
+            raise ValueError(f"features: expected 6 channel counts, got {tuple(features)}")
+        f = tuple(features)
+        self.in_channels = in_channels
+        self.conv_0 = TwoConv(3, in_channels, f[0], act, norm, bias=True)
+        self.conv_lstm = ConvLSTMCell3D(f[0], f[0]) if recurrent else None
+        self.downs = nn.ModuleList(Down(3, f[k], f[k + 1], act, norm, bias=True) for k in range(4))
+        # Sizes are divisible by 16, so UpCat's odd-size padding (a full copy) is never needed.
+        up_options = {"act": act, "norm": norm, "bias": True, "is_pad": False}
+        self.ups = nn.ModuleList(
+            [
+                UpCat(3, f[4], f[3], f[3], **up_options),
+                UpCat(3, f[3], f[2], f[2], **up_options),
+                UpCat(3, f[2], f[1], f[1], **up_options),
+                UpCat(3, f[1], f[0], f[5], halves=False, **up_options),
+            ]
+        )
+        self.final_conv = Conv["conv", 3](f[5], out_channels, kernel_size=1)
+        block_channels = (*f[:5], f[3], f[2], f[1], f[5])
+        self.time_projections = (
+            nn.ModuleList(nn.Linear(time_dim, c) for c in block_channels) if time_dim else None
+        )
+
+    def first_level(
+        self, x: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState | None]:
+        """Level-0 block, then the ConvLSTM if any.
+
+        Args:
+            x: `(B, in_channels, X, Y, Z)` input.
+            state: ConvLSTM state; None for zeros. Ignored without a ConvLSTM.
+
+        Returns:
+            `(B, features[0], X, Y, Z)` level-0 features and the new state (None without a
+            ConvLSTM).
+        """
+        # Channels-last is what oneDNN's 3-D convolutions want on CPU: with few channels the
+        # backward pass is up to 20x faster than in the default layout; CUDA is indifferent.
+        level_0 = self.conv_0(x.contiguous(memory_format=torch.channels_last_3d))
+        if self.conv_lstm is None:
+            return level_0, None
+        state = self.conv_lstm(level_0, state)
+        return state[0], state
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        embedding: torch.Tensor | None = None,
+        state: LSTMState | None = None,
+    ) -> tuple[torch.Tensor, LSTMState | None]:
+        """One U-Net pass.
+
+        Args:
+            x: `(B, in_channels, X, Y, Z)` input; X, Y, Z divisible by 16 (and, with
+                instance norm, more than one voxel at the 1/16 scale, e.g. 16x16x32).
+            embedding: `(B, time_dim)` step embedding; required iff built with `time_dim`.
+            state: ConvLSTM state (see `first_level`).
+
+        Returns:
+            `(B, out_channels, X, Y, Z)` output and the new ConvLSTM state.
+        """
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x: expected shape (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}"
+            )
+        spatial = tuple(x.shape[2:])
+        if any(size % SPATIAL_MULTIPLE for size in spatial):
+            raise ValueError(
+                f"x: spatial size {spatial} must be divisible by {SPATIAL_MULTIPLE} on every "
+                "axis (the U-Net halves each axis 4 times); pad or crop the volume"
+            )
+        if (embedding is None) != (self.time_projections is None):
+            raise ValueError(
+                "embedding: must be given exactly when the U-Net is built with time_dim"
+            )
+        level_0, state = self.first_level(x, state)
+        skips = [self._add_time(level_0, 0, embedding)]
+        for block, down in enumerate(self.downs, start=1):
+            skips.append(self._add_time(down(skips[-1]), block, embedding))
+        features = skips.pop()
+        for block, (up, skip) in enumerate(zip(self.ups, reversed(skips), strict=True), start=5):
+            features = self._add_time(up(features, skip), block, embedding)
+        return self.final_conv(features), state
+
+    def _add_time(
+        self, features: torch.Tensor, block: int, embedding: torch.Tensor | None
+    ) -> torch.Tensor:
+        if embedding is None:
+            return features
+        return features + self.time_projections[block](embedding)[:, :, None, None, None]

@@ -1,0 +1,69 @@
+"""Checkpoints that resume exactly and load without executing pickled code.
+
+A run folder::
+
+    RUN/config.json                  resolved RunConfig (see dcesynth.config)
+    RUN/checkpoints/last.safetensors weights at the last saved step
+    RUN/checkpoints/last_state.pt    step, stage, optimizer and scheduler state
+    RUN/checkpoints/best.safetensors weights with the lowest validation error
+    RUN/checkpoints/warmup.safetensors weights at the end of the warm-up stage
+    RUN/log.jsonl                    one JSON line per validation
+    RUN/train.log                    the human-readable log
+
+Weights are safetensors; the training state holds only tensors, numbers and
+strings and is read with ``torch.load(weights_only=True)``, which refuses code.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from dcesynth.io import InputError, atomic_write_bytes
+
+
+def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str] | None = None):
+    """Write the model's state dict as safetensors, atomically."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Load safetensors weights into ``model`` (strict); InputError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    try:
+        tensors = load_file(path, device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: cannot read weights ({exc})") from exc
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(
+            f"{path}: weights do not fit the model (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    return model
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write training state (optimizer, scheduler, counters) atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read training state with ``weights_only=True`` (no code execution)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a bad file
+        raise InputError(f"{path}: cannot read checkpoint ({exc.__class__.__name__})") from exc
