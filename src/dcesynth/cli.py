@@ -32,12 +32,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-@app.callback()
-def commands() -> None:
-    """Synthesize delayed-phase breast DCE-MRI and kinetic curves (iterU-Net)."""
-    # A callback keeps `dcesynth simulate OUT` a subcommand even while it is the only command.
-
-
 def exits_on_input_error(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn InputError into one `error:` line on stderr and exit code 2."""
 
@@ -130,7 +124,7 @@ def train(
     data: Annotated[Path, typer.Argument(help="Folder of cases (e.g. from `simulate`).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     model: Annotated[str, typer.Option(help="iterunet or baseline.")] = "iterunet",
-    preset: Annotated[str, typer.Option(help="demo, cpu, gpu or paper.")] = "demo",
+    preset: Annotated[str, typer.Option(help="demo, cpu or paper.")] = "demo",
     no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Ablation: skip stage 1.")] = False,
     no_temporal: Annotated[
         bool, typer.Option("--no-temporal", help="Ablation: no time embedding, no ConvLSTM.")
@@ -159,24 +153,28 @@ def train(
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
     setup_logging()
     trainer = Trainer(data, out, config, resume=resume, perceptual_weights=perceptual_weights)
-    setup_logging(out)
-    total = min(trainer.config.train.total_steps, max_steps or trainer.config.train.total_steps)
-    show = trainer.rank == 0
-    with progress_bar() as bar:
-        task = bar.add_task(
-            f"train {trainer.config.model.name}",
-            total=total,
-            completed=trainer.step,
-            status="",
-            visible=show,
-        )
-
-        def on_step(step, stage, terms, speed):
-            bar.update(
-                task, completed=step, status=f"{stage} loss {terms['total']:.3f} {speed:.2f} it/s"
+    with trainer:
+        show = trainer.rank == 0
+        # Under torchrun only rank 0 writes files, the log included.
+        setup_logging(out if show else None)
+        total = min(trainer.config.train.total_steps, max_steps or trainer.config.train.total_steps)
+        with progress_bar() as bar:
+            task = bar.add_task(
+                f"train {trainer.config.model.name}",
+                total=total,
+                completed=trainer.step,
+                status="",
+                visible=show,
             )
 
-        metrics = trainer.fit(max_steps=max_steps, on_step=on_step)
+            def on_step(step, stage, terms, speed):
+                bar.update(
+                    task,
+                    completed=step,
+                    status=f"{stage} loss {terms['total']:.3f} {speed:.2f} it/s",
+                )
+
+            metrics = trainer.fit(max_steps=max_steps, on_step=on_step)
     if show:
         logging.getLogger("dcesynth").info("done: step %d, run in %s", trainer.step, out)
         if metrics:
@@ -185,6 +183,98 @@ def train(
                 f"{metrics['val_enh_error_last']:.4f} (copy 1st post "
                 f"{metrics['val_enh_error_last_copy']:.4f})"
             )
+
+
+def expand_cases(paths: list[Path]) -> list[Path]:
+    """Case folders from the arguments: a case folder itself, or a folder of cases."""
+    from dcesynth.case import find_cases
+
+    out: list[Path] = []
+    for path in paths:
+        out.extend([path] if (path / "meta.json").is_file() else find_cases(path))
+    return out
+
+
+@app.command()
+@exits_on_input_error
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `train`.")],
+    cases: Annotated[list[Path], typer.Argument(help="Case folders, or folders of cases.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    inputs: Annotated[str, typer.Option(help="Observed phases, pre first.")] = "pre,1dyn",
+    times: Annotated[
+        str | None, typer.Option(help="Whole protocol times in s (default: the case's meta).")
+    ] = None,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
+) -> None:
+    """Synthesize the delayed phases of whole cases, plus a kinetic colour map."""
+    from dcesynth.case import load_case
+    from dcesynth.infer import count_windows, load_run, predict_case, write_prediction
+
+    loaded = load_run(run)
+    folders = expand_cases(cases)
+    protocol = parse_times(times)
+    with progress_bar() as bar:
+        for folder in folders:
+            case = load_case(folder)
+            total = count_windows(case.shape, loaded.config.train.patch, overlap)
+            task = bar.add_task(f"predict {case.case_id}", total=total, status="")
+            prediction = predict_case(
+                loaded,
+                case,
+                inputs=inputs,
+                times_s=protocol,
+                overlap=overlap,
+                amp=amp,
+                on_windows=lambda n, task=task: bar.advance(task, n),
+            )
+            write_prediction(case, prediction, out)
+            bar.update(
+                task,
+                status=f"{prediction.windows_run} run, "
+                f"{prediction.windows_skipped} skipped (no ROI)",
+            )
+    print(f"wrote {len(folders)} predictions to {out}")
+
+
+@app.command()
+@exits_on_input_error
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Folder of real cases.")],
+    pred: Annotated[list[str], typer.Option("--pred", help="NAME=DIR of predictions.")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")],
+) -> None:
+    """Score predictions against the real phases: metrics.json and index.html."""
+    from dcesynth.report import evaluate as run_evaluation
+
+    predictions = {}
+    for item in pred:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise InputError(f"--pred: expected NAME=DIR, got {item!r}")
+        predictions[name] = Path(folder)
+    metrics = run_evaluation(data, predictions, out)
+    print_metrics(metrics)
+    print(f"report: {out / 'index.html'}")
+
+
+def print_metrics(metrics: dict) -> None:
+    """The headline figures as a rich table."""
+    from rich.table import Table
+
+    table = Table(title=f"{metrics['cases']} cases")
+    for column in ("model", "enh. error (last)", "SCC", "DTW", "curve type agr."):
+        table.add_column(column)
+    for name, values in metrics["models"].items():
+        table.add_row(
+            name,
+            f"{values['enh_error_last']:.4f}",
+            f"{values['scc']:.3f}",
+            f"{values['dtw']:.3f}",
+            f"{values['curve_type_agreement']:.2f}",
+        )
+    Console().print(table)
 
 
 @app.command("import")

@@ -90,6 +90,7 @@ def _legend(target, style_labels: dict[int, str], **kwargs) -> None:
 
 def curve_grid(panels: Sequence[CurvePanel], columns: int = 4) -> str:
     """Small multiples of kinetic curves, one panel per lesion, one shared legend (PNG URI)."""
+    columns = max(1, min(columns, len(panels)))
     rows = max(1, -(-len(panels) // columns))
     figure = Figure(figsize=(3.2 * columns, 2.6 * rows + 0.4), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False)

@@ -79,19 +79,23 @@ def crop(volume: np.ndarray, start: np.ndarray, patch: Sequence[int]) -> np.ndar
     return volume[..., x : x + patch[0], y : y + patch[1], z : z + patch[2]]
 
 
-def augmentation() -> transforms.Compose:
-    """The paper's augmentations, for (T, X, Y, Z) patches (phases as channels)."""
-    return transforms.Compose(
-        [
-            transforms.RandGaussianNoise(prob=0.5, std=0.02),
-            transforms.RandGaussianSmooth(prob=0.2),
-            transforms.RandGaussianSharpen(prob=0.2),
-            transforms.RandFlip(prob=0.5, spatial_axis=0),
-            transforms.RandFlip(prob=0.5, spatial_axis=1),
-            transforms.RandFlip(prob=0.5, spatial_axis=2),
-            transforms.RandRotate90(prob=0.5, spatial_axes=(0, 1)),
-        ]
-    )
+def augmentation(patch: Sequence[int]) -> transforms.Compose:
+    """The paper's augmentations, for (T, *patch) patches (phases as channels).
+
+    The in-plane 90 degree rotation swaps X and Y, so it is left out when the patch is
+    not square in-plane (every patch of a batch must keep one shape).
+    """
+    steps = [
+        transforms.RandGaussianNoise(prob=0.5, std=0.02),
+        transforms.RandGaussianSmooth(prob=0.2),
+        transforms.RandGaussianSharpen(prob=0.2),
+        transforms.RandFlip(prob=0.5, spatial_axis=0),
+        transforms.RandFlip(prob=0.5, spatial_axis=1),
+        transforms.RandFlip(prob=0.5, spatial_axis=2),
+    ]
+    if patch[0] == patch[1]:
+        steps.append(transforms.RandRotate90(prob=0.5, spatial_axes=(0, 1)))
+    return transforms.Compose(steps)
 
 
 class PatchBatches(torch.utils.data.Dataset):
@@ -120,7 +124,7 @@ class PatchBatches(torch.utils.data.Dataset):
         self.cases, self.patch = cases, tuple(patch)
         self.cases_per_step, self.total_steps = cases_per_step, total_steps
         self.seed, self.rank = seed, rank
-        self.transform = augmentation() if augment else None
+        self.transform = augmentation(self.patch) if augment else None
 
     def __len__(self) -> int:
         return self.total_steps
@@ -144,7 +148,10 @@ class PatchBatches(torch.utils.data.Dataset):
 
 
 def validation_patches(cases: list[PreparedCase], patch: Sequence[int]) -> dict[str, torch.Tensor]:
-    """One patch per case centred on its lesions' centroid (ROI centroid without lesions).
+    """One patch per case, centred on the lesion voxel nearest its lesions' centroid.
+
+    Snapping to a voxel keeps the centre inside a lesion when a case has several (their
+    centroid may lie between them). Cases without lesions use the ROI the same way.
 
     Returns:
         ``phases`` (N, T, *patch), ``times_s`` (N, T), ``lesion`` (N, 1, *patch) bool.
@@ -152,7 +159,8 @@ def validation_patches(cases: list[PreparedCase], patch: Sequence[int]) -> dict[
     phases, times, lesions = [], [], []
     for case in cases:
         pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels
-        start = crop_start(pool.mean(axis=0).round().astype(int), patch, case.phases.shape[1:])
+        centre = pool[np.argmin(((pool - pool.mean(axis=0)) ** 2).sum(axis=1))]
+        start = crop_start(centre, patch, case.phases.shape[1:])
         phases.append(torch.from_numpy(np.ascontiguousarray(crop(case.phases, start, patch))))
         lesions.append(torch.from_numpy(np.ascontiguousarray(crop(case.lesion_mask, start, patch))))
         times.append(torch.as_tensor(case.times_s))

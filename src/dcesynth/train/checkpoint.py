@@ -27,9 +27,16 @@ from safetensors.torch import load_file, save
 from dcesynth.io import InputError, atomic_write_bytes
 
 
-def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str] | None = None):
-    """Write the model's state dict as safetensors, atomically."""
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    """Write the model's state dict as safetensors, atomically.
+
+    The metadata names the model class and, for the baseline, its number of target
+    phases, which `predict` needs to rebuild it.
+    """
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"model_class": type(model).__name__}
+    if hasattr(model, "n_targets"):
+        metadata["n_targets"] = str(model.n_targets)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
 
@@ -42,7 +49,10 @@ def load_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
         tensors = load_file(path, device="cpu")
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{path}: cannot read weights ({exc})") from exc
-    result = model.load_state_dict(tensors, strict=False)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise InputError(f"{path}: weights do not fit the model ({exc})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise InputError(
             f"{path}: weights do not fit the model (missing {result.missing_keys[:3]}, "

@@ -10,7 +10,10 @@ ablation); the baseline has no feedback, so it trains in one stage.
 Batches depend only on (seed, step, rank) (see dcesynth.data.sampling), so a run
 resumed from its last checkpoint continues exactly; with several processes
 (``torchrun``) each rank draws its own patches and DistributedDataParallel
-averages the gradients.
+averages the gradients. The Trainer joins the process group that torchrun
+describes in the environment (NCCL on CUDA, gloo on CPU) and leaves it in
+``close`` (or at the end of a ``with Trainer(...)`` block); only rank 0 writes
+files.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dcesynth.case import find_cases, load_case
 from dcesynth.config import RunConfig
@@ -74,6 +78,22 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
+def init_distributed(world: int, device: torch.device) -> bool:
+    """Join the process group described by torchrun's environment (``env://``).
+
+    Args:
+        world: number of processes (``WORLD_SIZE``); nothing happens for 1.
+        device: this rank's device; CUDA ranks use NCCL, CPU ranks gloo.
+
+    Returns:
+        True when this call created the group (its owner destroys it).
+    """
+    if world <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return True
+
+
 def split_cases(case_dirs: list[Path], val_fraction: float, seed: int):
     """Deterministic train/validation split; at least one of each when there are 2+ cases."""
     order = np.random.default_rng(seed).permutation(len(case_dirs))
@@ -109,6 +129,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.device = select_device()
+        self.owns_process_group = init_distributed(self.world, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
             saved = RunConfig.load(self.run_dir)
@@ -124,7 +145,13 @@ class Trainer:
         train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
         self.train_cases = [prepare_case(load_case(d), train.patch) for d in train_dirs]
         self.val_cases = [prepare_case(load_case(d), train.patch) for d in val_dirs]
-        n_phases = self.train_cases[0].phases.shape[0]
+        counts = {c.phases.shape[0] for c in self.train_cases + self.val_cases}
+        if len(counts) != 1:
+            raise InputError(
+                f"{data_dir}: cases must share one protocol length; got phase counts "
+                f"{sorted(counts)}"
+            )
+        n_phases = counts.pop()
         if n_phases < 3:
             raise InputError(f"{data_dir}: training needs at least 3 phases (pre, 2 post)")
         self.batches = PatchBatches(
@@ -142,8 +169,12 @@ class Trainer:
         ).to(self.device)
         self.net = self.model
         if self.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
-        perceptual = load_perceptual_network(perceptual_weights)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        try:
+            perceptual = load_perceptual_network(perceptual_weights)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
         self.loss = CombinedLoss(LossWeights(*train.loss_weights), perceptual).to(self.device)
         self.stages = stages(config)
         self.step, self.best = 0, math.inf
@@ -153,6 +184,18 @@ class Trainer:
         elif self.rank == 0:
             check_writable_dir(self.ckpt_dir)
             atomic_write_json(self.run_dir / "config.json", config.to_json())
+
+    def close(self) -> None:
+        """Leave the process group if this Trainer joined it."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_process_group = False
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def stage_at(self, step: int) -> Stage:
         return next(s for s in self.stages if s.start <= step < s.stop)

@@ -1,0 +1,243 @@
+"""Whole-volume prediction: sliding windows over a case, the rollout inside each window.
+
+MONAI's ``sliding_window_inference`` cuts the TI-normalised case into windows of
+the run's patch size (overlap 0.5, Gaussian blending). Inside each window the
+model rolls out from the last observed phase through every target time, so the
+ConvLSTM state carries across the rollout within the window. Windows that hold
+no breast ROI are not run: their output is the last observed phase (the paper
+evaluates only inside the ROI). Predictions are mapped back to signal units and
+written with the input's affine, with a voxelwise kinetic map of the whole
+synthesized series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from safetensors import safe_open
+
+from dcesynth.case import Case, phase_names, validate_times
+from dcesynth.config import RunConfig
+from dcesynth.data.tinorm import fit_case_norm
+from dcesynth.io import InputError, save_nifti, staged_directory
+from dcesynth.kinetics import kinetic_map
+from dcesynth.model import build_model
+from dcesynth.train.checkpoint import load_weights
+
+
+@dataclass
+class Prediction:
+    """Synthesized phases of one case.
+
+    Attributes:
+        phases: (K, X, Y, Z) float32 predicted phases in signal units.
+        names: their phase names (e.g. ``2dyn``...).
+        times_s: the whole protocol's times, observed then predicted.
+        n_inputs: number of observed phases (pre included).
+        windows_run: windows the model ran; windows_skipped: windows without ROI.
+    """
+
+    phases: np.ndarray
+    names: list[str]
+    times_s: list[float]
+    n_inputs: int
+    windows_run: int
+    windows_skipped: int
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for prediction."""
+
+    model: torch.nn.Module
+    config: RunConfig
+    device: torch.device
+    weights: Path
+
+
+def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
+    """Rebuild the model of ``RUN`` from its config and load its best (else last) weights."""
+    run_dir = Path(run_dir)
+    config = RunConfig.load(run_dir)
+    weights = next(
+        (
+            p
+            for p in (run_dir / "checkpoints" / n for n in ("best.safetensors", "last.safetensors"))
+            if p.is_file()
+        ),
+        None,
+    )
+    if weights is None:
+        raise InputError(f"{run_dir / 'checkpoints'}: no best.safetensors or last.safetensors")
+    with safe_open(weights, framework="pt") as handle:
+        n_targets = int((handle.metadata() or {}).get("n_targets", 1))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(config.model.name, config.model.features, config.model.temporal, n_targets)
+    load_weights(weights, model)
+    return LoadedRun(model.to(device).eval(), config, device, weights)
+
+
+def parse_inputs(text: str, case: Case) -> list[str]:
+    """``"pre,1dyn"`` -> phase names; they must be pre then consecutive post phases."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if len(names) < 2 or names != phase_names(len(names)):
+        raise InputError(f"--inputs: expected pre,1dyn[,2dyn...], got {text!r}")
+    if len(names) > len(case.times_s):
+        raise InputError(f"{case.case_id}: --inputs asks for {names[-1]}, the case ends earlier")
+    return names
+
+
+def target_times(case: Case, n_inputs: int, times_s: Sequence[float] | None) -> list[float]:
+    """Times of the phases after the observed ones: from ``times_s`` (whole protocol) or meta."""
+    protocol = validate_times(times_s, where="--times") if times_s is not None else case.times_s
+    if protocol[:n_inputs] != case.times_s[:n_inputs]:
+        raise InputError(f"{case.case_id}: --times disagree with the case's observed phase times")
+    if len(protocol) <= n_inputs:
+        raise InputError(
+            f"{case.case_id}: nothing to predict after {phase_names(n_inputs)[-1]}; "
+            "give the protocol with --times"
+        )
+    return list(protocol[n_inputs:])
+
+
+class WindowPredictor:
+    """The function sliding_window_inference calls on a batch of windows.
+
+    A window is ``(W, 1 + n_observed + 1, x, y, z)``: pre, the observed phases, and the
+    ROI mask as the last channel. Returns ``(W, n_targets, x, y, z)``. Windows without
+    ROI voxels are not run; ``calls`` counts the windows the model did run.
+    """
+
+    def __init__(
+        self,
+        run: LoadedRun,
+        observed_times_s,
+        target_times_s,
+        amp: bool,
+        on_windows: Callable[[int], None] | None = None,
+    ):
+        self.run, self.amp, self.on_windows = run, amp, on_windows
+        self.observed_times_s = [float(t) for t in observed_times_s]
+        self.target_times_s = [float(t) for t in target_times_s]
+        self.calls = 0
+        self.skipped = 0
+
+    def n_model_targets(self) -> int:
+        """The baseline always predicts all its phases; we keep the ones asked for."""
+        return getattr(self.run.model, "n_targets", len(self.target_times_s))
+
+    @torch.no_grad()
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        images, roi = windows[:, :-1], windows[:, -1]
+        last_observed = images[:, -1:]
+        out = last_observed.expand(-1, len(self.target_times_s), *images.shape[2:]).clone()
+        active = roi.flatten(1).amax(dim=1) > 0.5
+        if active.any():
+            batch = images[active]
+            pre, observed = batch[:, :1], list(batch[:, 1:].unbind(1))
+            observed = [o[:, None] for o in observed]
+            n_model = self.n_model_targets()
+            times = self.target_times_s
+            if n_model != len(times):
+                # Baseline: it predicts every phase after the first post-contrast one.
+                times = [0.0] * (n_model - len(times)) + times
+            device_type = self.run.device.type
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
+                preds = self.run.model(pre, observed, self.observed_times_s[1:], times)
+            preds = preds[len(preds) - len(self.target_times_s) :]
+            out[active] = torch.cat(preds, dim=1).float()
+        self.calls += int(active.sum())
+        self.skipped += int((~active).sum())
+        if self.on_windows:
+            self.on_windows(windows.shape[0])
+        return out
+
+
+def predict_case(
+    run: LoadedRun,
+    case: Case,
+    inputs: str = "pre,1dyn",
+    times_s: Sequence[float] | None = None,
+    overlap: float = 0.5,
+    amp: bool | None = None,
+    window_batch: int | None = None,
+    on_windows: Callable[[int], None] | None = None,
+) -> Prediction:
+    """Synthesize the phases after ``inputs`` for a whole case.
+
+    Args:
+        run: the loaded model.
+        case: the case; only its ``inputs`` phases, ROI and times are used.
+        inputs: observed phases, ``pre,1dyn[,2dyn...]``.
+        times_s: whole-protocol times (pre first) when the targets are not in meta.json.
+        overlap: sliding-window overlap.
+        amp: bf16 autocast (default: the run's setting).
+        window_batch: windows per model call (default 1 on CPU, 8 on CUDA).
+        on_windows: progress callback, called with the number of windows done.
+
+    Returns:
+        The predicted phases with their names and times, and window counts.
+    """
+    names = parse_inputs(inputs, case)
+    targets = target_times(case, len(names), times_s)
+    if run.config.model.name == "baseline" and len(names) - 2 + len(targets) != run.model.n_targets:
+        raise InputError(
+            f"{case.case_id}: this baseline predicts {run.model.n_targets} phases after 1dyn; "
+            f"the protocol asks for {len(names) - 2 + len(targets)}"
+        )
+    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+    observed = norm.forward(case.phases[: len(names)])
+    stack = np.concatenate([observed, case.roi[None].astype(np.float32)])
+    volume = torch.from_numpy(stack)[None].to(run.device)
+    predictor = WindowPredictor(
+        run,
+        case.times_s[: len(names)],
+        targets,
+        run.config.train.amp if amp is None else amp,
+        on_windows,
+    )
+    patch = run.config.train.patch
+    batch = window_batch or (8 if run.device.type == "cuda" else 1)
+    with torch.no_grad():
+        output = sliding_window_inference(
+            volume, patch, batch, predictor, overlap=overlap, mode="gaussian"
+        )
+    first = len(names)
+    return Prediction(
+        phases=norm.inverse(output[0].cpu().numpy()),
+        names=phase_names(first + len(targets))[first:],
+        times_s=list(case.times_s[:first]) + targets,
+        n_inputs=first,
+        windows_run=predictor.calls,
+        windows_skipped=predictor.skipped,
+    )
+
+
+def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """Number of sliding windows MONAI visits for a volume (after padding to the patch)."""
+    total = 1
+    for size, window in zip(shape, patch, strict=True):
+        size = max(size, window)
+        stride = max(1, int(window * (1 - overlap)))
+        total *= int(np.ceil((size - window) / stride)) + 1
+    return total
+
+
+def write_prediction(case: Case, prediction: Prediction, out_dir: Path) -> Path:
+    """Write ``OUT/CASE_ID/{phase}.nii.gz`` and ``kinetic_map.nii.gz`` atomically.
+
+    The kinetic map types the observed + synthesized series inside the ROI.
+    """
+    series = np.concatenate([case.phases[: prediction.n_inputs], prediction.phases])
+    target = Path(out_dir) / case.case_id
+    with staged_directory(target) as staging:
+        for name, image in zip(prediction.names, prediction.phases, strict=True):
+            save_nifti(staging / f"{name}.nii.gz", image.astype(np.float32), case.affine)
+        codes = kinetic_map(series, prediction.times_s, case.roi)
+        save_nifti(staging / "kinetic_map.nii.gz", codes.astype(np.uint8), case.affine)
+    return target

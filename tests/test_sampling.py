@@ -1,0 +1,144 @@
+"""Training data: deterministic foreground-aware patch batches, aligned augmentation, padding."""
+
+import numpy as np
+import pytest
+import torch
+from monai import transforms
+
+from dcesynth.case import Case
+from dcesynth.data.sampling import (
+    PatchBatches,
+    PreparedCase,
+    augmentation,
+    prepare_case,
+    validation_patches,
+)
+
+PATCH = (16, 16, 16)
+SHAPE = (48, 48, 32)
+CENTRE = tuple(p // 2 for p in PATCH)
+
+
+def coordinate_case(lesion_boxes, roi_box=((16, 32), (16, 32), (10, 22))) -> PreparedCase:
+    """A case whose three phases are the voxels' x, y and z indices.
+
+    A patch then tells where it was cut: its centre voxel holds the volume coordinates of
+    the patch centre. Lesions and the ROI are boxes far enough from the border that a patch
+    centred on any of their voxels is never shifted to fit inside the volume.
+    """
+    phases = np.stack(np.indices(SHAPE).astype(np.float32))
+    lesion = np.zeros(SHAPE, dtype=bool)
+    for box in lesion_boxes:
+        lesion[tuple(slice(*side) for side in box)] = True
+    roi = np.zeros(SHAPE, dtype=bool)
+    roi[tuple(slice(*side) for side in roi_box)] = True
+    return PreparedCase(
+        case_id="coordinates",
+        phases=phases,
+        times_s=np.array([0.0, 85.0, 155.0], dtype=np.float32),
+        lesion_voxels=np.argwhere(lesion),
+        roi_voxels=np.argwhere(roi | lesion),
+        lesion_mask=lesion,
+    )
+
+
+def random_case(seed: int, n_phases: int = 4) -> PreparedCase:
+    rng = np.random.default_rng(seed)
+    case = coordinate_case([((20, 24), (20, 24), (14, 18))])
+    case.phases = rng.standard_normal((n_phases, *SHAPE)).astype(np.float32)
+    case.times_s = np.linspace(0.0, 300.0, n_phases, dtype=np.float32)
+    return case
+
+
+def test_same_step_gives_the_same_batch():
+    batches = PatchBatches([random_case(0), random_case(1)], PATCH, 2, 10, seed=3)
+    first, again = batches[4], PatchBatches([random_case(0), random_case(1)], PATCH, 2, 10, 3)[4]
+    assert torch.equal(first["phases"], again["phases"])
+    assert torch.equal(first["times_s"], again["times_s"])
+
+
+@pytest.mark.parametrize(("step", "rank"), [(5, 0), (4, 1)], ids=["another-step", "another-rank"])
+def test_another_step_or_rank_gives_another_batch(step, rank):
+    cases = [random_case(0), random_case(1)]
+    reference = PatchBatches(cases, PATCH, 2, 10, seed=3, rank=0)[4]["phases"]
+    other = PatchBatches(cases, PATCH, 2, 10, seed=3, rank=rank)[step]["phases"]
+    assert not torch.equal(reference, other)
+
+
+def test_batch_holds_two_patches_per_case_with_all_phases():
+    batch = PatchBatches([random_case(0, n_phases=5)], PATCH, 3, 10, seed=0)[0]
+    assert batch["phases"].shape == (6, 5, *PATCH)
+    assert batch["phases"].dtype == torch.float32
+    assert batch["times_s"].shape == (6, 5)
+    assert batch["times_s"][0].tolist() == [0.0, 75.0, 150.0, 225.0, 300.0]
+
+
+def test_first_patch_of_each_case_is_centred_in_a_lesion_second_in_the_roi():
+    case = coordinate_case([((20, 24), (20, 24), (14, 18))])
+    roi_mask = np.zeros(SHAPE, dtype=bool)
+    roi_mask[tuple(case.roi_voxels.T)] = True
+    batches = PatchBatches([case], PATCH, 2, 20, seed=0, augment=False)
+    for step in range(20):
+        centres = batches[step]["phases"][:, :, CENTRE[0], CENTRE[1], CENTRE[2]].long()
+        for index, centre in enumerate(centres.tolist()):
+            mask = case.lesion_mask if index % 2 == 0 else roi_mask
+            assert mask[tuple(centre)], (step, index, centre)
+
+
+def test_augmentation_moves_all_phases_together():
+    # Noise is drawn per phase by design; every other transform must act on all phases alike.
+    spatial = transforms.Compose(augmentation(PATCH).transforms[1:])
+    volume = np.random.default_rng(0).standard_normal(PATCH).astype(np.float32)
+    identical_phases = np.stack([volume] * 4)
+    changed = 0
+    for seed in range(12):
+        spatial.set_random_state(seed=seed)
+        out = np.asarray(spatial(identical_phases.copy()))
+        assert out.shape == identical_phases.shape
+        for phase in out[1:]:
+            np.testing.assert_array_equal(phase, out[0])
+        changed += not np.array_equal(out[0], volume)
+    assert changed >= 6
+
+
+def test_patches_keep_their_shape_when_the_patch_is_not_square_in_plane():
+    patch = (32, 16, 16)
+    batches = PatchBatches([random_case(0)], patch, 1, 12, seed=0)
+    assert {tuple(batches[step]["phases"].shape) for step in range(12)} == {(2, 4, *patch)}
+
+
+def test_validation_patch_is_centred_on_a_lesion_voxel_when_lesions_are_apart():
+    # The two lesions' common centroid (x = 24) lies between them, outside both.
+    case = coordinate_case([((12, 16), (22, 26), (14, 18)), ((32, 36), (22, 26), (14, 18))])
+    batch = validation_patches([case, random_case(1, n_phases=3)], PATCH)
+    assert batch["phases"].shape == (2, 3, *PATCH)
+    assert batch["times_s"].shape == (2, 3)
+    assert batch["lesion"].shape == (2, 1, *PATCH) and batch["lesion"].dtype == torch.bool
+    assert batch["lesion"][:, 0, CENTRE[0], CENTRE[1], CENTRE[2]].tolist() == [True, True]
+    centre = batch["phases"][0, :, CENTRE[0], CENTRE[1], CENTRE[2]].long().tolist()
+    assert case.lesion_mask[tuple(centre)]
+
+
+def test_prepare_case_pads_a_volume_smaller_than_the_patch():
+    rng = np.random.default_rng(0)
+    shape = (20, 40, 10)
+    seg = np.zeros(shape, dtype=np.int16)
+    seg[8:12, 18:22, 4:6] = 1
+    roi = np.zeros(shape, dtype=np.uint8)
+    roi[4:16, 10:30, 2:8] = 1
+    phases = rng.uniform(100.0, 200.0, (3, *shape)).astype(np.float32)
+    case = Case("small", phases, [0.0, 85.0, 155.0], seg, roi, np.eye(4))
+
+    prepared = prepare_case(case, (32, 32, 16))
+
+    assert prepared.phases.shape == (3, 32, 40, 16)
+    assert prepared.lesion_mask.shape == (32, 40, 16)
+    inside = roi > 0
+    reference = phases[1][inside]
+    expected = (phases - reference.mean()) / reference.std()
+    np.testing.assert_allclose(prepared.phases[:, :20, :, :10], expected, rtol=1e-5, atol=1e-5)
+    assert np.all(prepared.phases[:, 20:] == prepared.phases.min())
+    assert prepared.lesion_mask.sum() == 32 and not prepared.lesion_mask[20:].any()
+    assert len(prepared.roi_voxels) == inside.sum()
+    batch = PatchBatches([prepared], (32, 32, 16), 1, 1, seed=0)[0]
+    assert batch["phases"].shape == (2, 3, 32, 32, 16)

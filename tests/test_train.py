@@ -1,0 +1,240 @@
+"""Training: run folders, exact resume, ablation flags, free-running rollout, DDP, bf16."""
+
+import dataclasses
+import json
+import socket
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dcesynth.cli import app
+from dcesynth.config import RunConfig, preset
+from dcesynth.model import IterUNet, build_model
+from dcesynth.phantom import PhantomConfig, simulate_cohort
+from dcesynth.train.trainer import Trainer
+
+TINY_FEATURES = (4, 4, 8, 8, 16, 4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The models here are tiny: with 2 threads on a busy 2-core machine, thread hand-offs
+    # cost far more than the convolutions (measured 5-10x slower than 1 thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    data = tmp_path_factory.mktemp("cohort")
+    simulate_cohort(data, 4, seed=0, config=PhantomConfig(shape=(48, 48, 32)), workers=1)
+    return data
+
+
+def tiny(config: RunConfig, **train) -> RunConfig:
+    """``config`` shrunk to a seconds-long run: tiny U-Net, 32x32x16 patches, fp32."""
+    small = dict(patch=(32, 32, 16), cases_per_step=1, val_every=100, amp=False, workers=0)
+    schedule = dataclasses.replace(
+        config.train, **{**small, "warmup_steps": 4, "optim_steps": 4, **train}
+    )
+    model = dataclasses.replace(config.model, features=TINY_FEATURES)
+    return dataclasses.replace(config, model=model, train=schedule)
+
+
+def train_cli(*args: str):
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def straight_run(cohort, tmp_path_factory):
+    """8 uninterrupted fp32 steps (4 warm-up + 4 optimisation): weights and loss per step."""
+    run = tmp_path_factory.mktemp("straight")
+    trainer = Trainer(cohort, run, tiny(preset("demo")))
+    snapshots, losses = {}, {}
+
+    def record(step, stage, terms, speed):
+        snapshots[step], losses[step] = weights(trainer), terms["total"]
+
+    trainer.fit(max_steps=8, on_step=record)
+    return {"run": run, "weights": snapshots, "losses": losses}
+
+
+def test_cli_train_demo_preset_writes_a_run_folder(cohort, tmp_path):
+    run = tmp_path / "run"
+    result = train_cli(cohort, "--out", run, "--preset", "demo", "--max-steps", 6)
+    assert result.exit_code == 0, result.output
+    assert "step 6: val enh. error last phase" in result.stdout
+    for name in ("last.safetensors", "last_state.pt", "best.safetensors"):
+        assert (run / "checkpoints" / name).is_file(), name
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert RunConfig.from_json(config) == preset("demo")
+    assert torch.load(run / "checkpoints" / "last_state.pt", weights_only=True)["step"] == 6
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(entry["step"], entry["stage"]) for entry in log] == [(6, "warm-up")]
+    assert (run / "train.log").is_file()
+
+
+def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, straight_run):
+    config = tiny(preset("demo"))
+    Trainer(cohort, tmp_path, config).fit(max_steps=3)
+    # Steps 4-6 cross into the optimisation stage (fresh optimiser from the warm-up weights).
+    across = Trainer(cohort, tmp_path, config, resume=True)
+    assert across.step == 3
+    across.fit(max_steps=6)
+    assert_same_weights(weights(across), straight_run["weights"][6])
+    # Step 7 resumes the optimisation stage's own optimiser and schedule mid-way.
+    within = Trainer(cohort, tmp_path, config, resume=True)
+    assert (within.step, within.optimizer_stage) == (6, "optimisation")
+    within.fit(max_steps=7)
+    assert_same_weights(weights(within), straight_run["weights"][7])
+
+
+@pytest.mark.parametrize(
+    ("flag", "field", "value", "first_stage"),
+    [
+        ("--no-warmup", ("train", "warmup_steps"), 0, "optimisation"),
+        ("--no-temporal", ("model", "temporal"), False, "warm-up"),
+        ("--model=baseline", ("model", "name"), "baseline", "optimisation"),
+    ],
+    ids=["no-warmup", "no-temporal", "baseline"],
+)
+def test_cli_ablation_flags_train_and_are_recorded(
+    cohort, tmp_path, flag, field, value, first_stage
+):
+    run = tmp_path / "run"
+    result = train_cli(cohort, "--out", run, "--preset", "demo", "--max-steps", 1, flag)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert config[field[0]][field[1]] == value
+    assert config["train"]["warmup_steps"] + config["train"]["optim_steps"] == 180
+    log = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert (log["step"], log["stage"]) == (1, first_stage)
+    tensors = load_file(run / "checkpoints" / "last.safetensors")
+    temporal = any("lstm" in name or "time" in name for name in tensors)
+    assert temporal == (config["model"]["temporal"] and config["model"]["name"] == "iterunet")
+
+
+def test_baseline_checkpoint_holds_one_unet_per_target_phase(cohort, tmp_path):
+    config = tiny(preset("demo", model="baseline"), warmup_steps=0, optim_steps=1)
+    Trainer(cohort, tmp_path, config).fit()
+    tensors = load_file(tmp_path / "checkpoints" / "last.safetensors")
+    assert {name.split(".")[1] for name in tensors} == {"0", "1", "2", "3"}
+    assert all(name.startswith("unets.") for name in tensors)
+
+
+def test_warmup_feeds_real_phases_and_optimisation_feeds_own_outputs(cohort, tmp_path, monkeypatch):
+    calls = []
+    original_step = IterUNet.step
+
+    def spy(self, pre, current, *args, **kwargs):
+        prediction, state = original_step(self, pre, current, *args, **kwargs)
+        if self.training:  # validation rollouts run in eval mode
+            calls.append((current, prediction))
+        return prediction, state
+
+    monkeypatch.setattr(IterUNet, "step", spy)
+    trainer = Trainer(cohort, tmp_path, tiny(preset("demo"), warmup_steps=1, optim_steps=1))
+    trainer.fit()
+    warmup, optimisation = calls[:4], calls[4:]
+    assert len(optimisation) == 4
+
+    real = trainer.batches[0]["phases"].unsqueeze(2)
+    for k, (current, _) in enumerate(warmup):
+        assert torch.equal(current, real[:, k + 1])
+
+    real = trainer.batches[1]["phases"].unsqueeze(2)
+    assert torch.equal(optimisation[0][0], real[:, 1])
+    for k in range(1, 4):
+        current, previous_prediction = optimisation[k][0], optimisation[k - 1][1]
+        assert current is previous_prediction
+        assert not torch.allclose(current, real[:, k + 1], atol=1e-3)
+
+
+def test_second_training_into_a_run_folder_exits_2(cohort, straight_run):
+    run = straight_run["run"]
+    config_before = (run / "config.json").read_bytes()
+    result = train_cli(cohort, "--out", run, "--max-steps", 1)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {run}: holds a run already; use --resume")
+    assert len(result.stderr.splitlines()) == 1
+    assert (run / "config.json").read_bytes() == config_before
+
+
+def test_resume_without_a_run_exits_2(cohort, tmp_path):
+    result = train_cli(cohort, "--out", tmp_path, "--resume", "--max-steps", 1)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'config.json'}: not a run folder")
+    assert len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_autocast_trains_to_the_same_loss(cohort, tmp_path, straight_run):
+    trainer = Trainer(cohort, tmp_path, tiny(preset("demo"), amp=True))
+    losses = {}
+    trainer.fit(max_steps=8, on_step=lambda step, stage, terms, speed: losses.update({step: terms}))
+    fp32, bf16 = straight_run["losses"][8], losses[8]["total"]
+    assert bf16 == pytest.approx(fp32, rel=0.10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_on_rank(rank, data, run_root, results, port, config):
+    """One torchrun-like rank: env:// rendezvous, its own run folder, 2 steps."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    with Trainer(data, run_root / f"rank{rank}", config) as trainer:
+        trainer.fit(max_steps=2)
+        torch.save(
+            {"weights": weights(trainer), "first_batch": trainer.batches[0]["phases"]},
+            results / f"rank{rank}.pt",
+        )
+
+
+def test_two_gloo_ranks_keep_identical_weights_and_only_rank_0_writes(cohort, tmp_path):
+    config = tiny(preset("demo"), warmup_steps=1, optim_steps=1)
+    results = tmp_path / "results"
+    results.mkdir()
+    args = (cohort, tmp_path, results, free_port(), config)
+    context = torch.multiprocessing.spawn(train_on_rank, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP ranks did not finish within 300 s")
+
+    rank0, rank1 = (torch.load(results / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(rank0["first_batch"], rank1["first_batch"])
+    assert_same_weights(rank1["weights"], rank0["weights"])
+    torch.manual_seed(config.train.seed)
+    initial = build_model("iterunet", TINY_FEATURES, True, 4).state_dict()
+    assert any(not torch.equal(rank0["weights"][k], v) for k, v in initial.items())
+    assert (tmp_path / "rank0" / "checkpoints" / "last.safetensors").is_file()
+    assert not (tmp_path / "rank1").exists()
