@@ -27,5 +27,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/simulate.py
 
+# The paper's comparison (iterU-Net, baseline, both ablations) with the `cpu` preset.
+experiment: $(STAMP)
+	$(BIN)/dcesynth experiment runs/experiment --preset cpu --cases 40
+
 clean:
 	rm -rf $(VENV) runs

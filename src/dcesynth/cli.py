@@ -338,6 +338,114 @@ def print_import_summary(summary, table_class) -> None:
     console.print(table)
 
 
+# Each variant is a model of the paper's comparison, as `train` options.
+VARIANTS = {
+    "iterunet": {"model": "iterunet"},
+    "baseline": {"model": "baseline"},
+    "no-warmup": {"model": "iterunet", "no_warmup": True},
+    "no-temporal": {"model": "iterunet", "no_temporal": True},
+}
+
+
+def run_comparison(
+    out: Path,
+    preset: str,
+    variants: list[str],
+    train_cases: int,
+    test_cases: int,
+    shape: tuple[int, int, int],
+    seed: int,
+) -> Path:
+    """Simulate train/test cohorts, train each variant, predict the test cases, evaluate.
+
+    Every stage is skipped when its output is already there, so an interrupted run
+    continues where it stopped (training resumes from its last checkpoint).
+    """
+    train_dir, test_dir = out / "data" / "train", out / "data" / "test"
+    for folder, count, cohort_seed in (
+        (train_dir, train_cases, seed),
+        (test_dir, test_cases, seed + 1),
+    ):
+        if not (folder / f"phantom_{count - 1:04d}" / "meta.json").is_file():
+            simulate(
+                folder,
+                cases=count,
+                seed=cohort_seed,
+                shape=shape,
+                times=None,
+                workers=None,
+                report=False,
+            )
+    predictions = {}
+    for name in variants:
+        run_dir = out / "runs" / name
+        done = run_dir / "checkpoints" / "last_state.pt"
+        options = {"no_warmup": False, "no_temporal": False, **VARIANTS[name]}
+        train(
+            train_dir,
+            out=run_dir,
+            preset=preset,
+            max_steps=None,
+            resume=done.is_file(),
+            perceptual_weights=None,
+            seed=seed,
+            amp=None,
+            **options,
+        )
+        predict(
+            run_dir,
+            [test_dir],
+            out=out / "predictions" / name,
+            inputs="pre,1dyn",
+            times=None,
+            overlap=0.5,
+            amp=None,
+        )
+        predictions[name] = str(out / "predictions" / name)
+    evaluate(test_dir, pred=[f"{k}={v}" for k, v in predictions.items()], out=out / "report")
+    return out / "report" / "index.html"
+
+
+@app.command()
+@exits_on_input_error
+def demo(
+    out: Annotated[Path, typer.Argument(help="Folder for data, runs, predictions, report.")],
+    seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
+) -> None:
+    """Simulate -> train iterU-Net and the baseline -> predict -> evaluate (a few minutes)."""
+    page = run_comparison(
+        out,
+        "demo",
+        ["iterunet", "baseline"],
+        train_cases=16,
+        test_cases=6,
+        shape=(64, 64, 32),
+        seed=seed,
+    )
+    print(f"demo done: open {page}")
+
+
+@app.command()
+@exits_on_input_error
+def experiment(
+    out: Annotated[Path, typer.Argument(help="Folder for data, runs, predictions, report.")],
+    preset: Annotated[str, typer.Option(help="Training preset of every model.")] = "cpu",
+    cases: Annotated[int, typer.Option(help="Training cases (plus 25 % test cases).")] = 40,
+    seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
+) -> None:
+    """The paper's comparison: iterU-Net, baseline and both ablations on one cohort."""
+    page = run_comparison(
+        out,
+        preset,
+        list(VARIANTS),
+        train_cases=cases,
+        test_cases=max(2, cases // 4),
+        shape=(128, 128, 64),
+        seed=seed,
+    )
+    print(f"experiment done: open {page}")
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
     """Log to stderr via rich, and to RUN/train.log when a run folder is given."""
     import logging
@@ -355,7 +463,21 @@ def setup_logging(run_dir: Path | None = None) -> None:
 
 
 def main() -> None:
-    app()
+    """Entry point: usage errors become one `error:` line with exit code 2, too."""
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc))
+        code = 2
+    except UsageError as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        code = 2
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from safetensors import safe_open
 
 from dcesynth.case import Case, phase_names, validate_times
 from dcesynth.config import RunConfig
@@ -27,7 +26,7 @@ from dcesynth.data.tinorm import fit_case_norm
 from dcesynth.io import InputError, save_nifti, staged_directory
 from dcesynth.kinetics import kinetic_map
 from dcesynth.model import build_model
-from dcesynth.train.checkpoint import load_weights
+from dcesynth.train.checkpoint import load_weights, weights_metadata
 
 
 @dataclass
@@ -74,8 +73,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     )
     if weights is None:
         raise InputError(f"{run_dir / 'checkpoints'}: no best.safetensors or last.safetensors")
-    with safe_open(weights, framework="pt") as handle:
-        n_targets = int((handle.metadata() or {}).get("n_targets", 1))
+    n_targets = int(weights_metadata(weights).get("n_targets", 1))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config.model.name, config.model.features, config.model.temporal, n_targets)
     load_weights(weights, model)
@@ -198,7 +196,7 @@ def predict_case(
         run,
         case.times_s[: len(names)],
         targets,
-        run.config.train.amp if amp is None else amp,
+        run.config.train.amp_on(run.device.type) if amp is None else amp,
         on_windows,
     )
     patch = run.config.train.patch

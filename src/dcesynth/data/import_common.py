@@ -58,6 +58,15 @@ class FolderIndex:
         return found
 
 
+def visible_subfolders(folder: Path) -> dict[str, Path]:
+    """Name -> path of every sub-folder of ``folder`` not starting with a dot, sorted."""
+    return {
+        path.name: path
+        for path in sorted(folder.iterdir())
+        if path.is_dir() and not path.name.startswith(".")
+    }
+
+
 def nifti_names(stem: str) -> tuple[str, str]:
     """The file names a NIfTI image called ``stem`` may have."""
     return f"{stem}.nii.gz", f"{stem}.nii"

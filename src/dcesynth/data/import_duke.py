@@ -54,6 +54,7 @@ from dcesynth.data.import_common import (
     nifti_names,
     option_times,
     read_table,
+    visible_subfolders,
 )
 from dcesynth.io import InputError, load_nifti
 
@@ -95,11 +96,7 @@ class DukeSource:
 
     def cases(self) -> dict[str, Path]:
         """Case id (patient folder name) -> patient folder."""
-        return {
-            path.name: path
-            for path in sorted(self.src.iterdir())
-            if path.is_dir() and not path.name.startswith(".")
-        }
+        return visible_subfolders(self.src)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one patient.

@@ -34,6 +34,7 @@ from dcesynth.data.import_common import (
     parse_times,
     read_table,
     times_after_pre,
+    visible_subfolders,
 )
 from dcesynth.io import InputError, load_nifti
 
@@ -68,11 +69,7 @@ class MamaMiaSource:
 
     def cases(self) -> dict[str, Path]:
         """Case id (the images/ folder name) -> that folder."""
-        return {
-            path.name: path
-            for path in sorted(self.images.iterdir())
-            if path.is_dir() and not path.name.startswith(".")
-        }
+        return visible_subfolders(self.images)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one patient.

@@ -17,6 +17,7 @@ from dcesynth.data.import_common import (
     assemble_case,
     nifti_names,
     option_times,
+    visible_subfolders,
 )
 from dcesynth.io import InputError, load_nifti
 
@@ -33,11 +34,7 @@ class ReferenceSource:
 
     def cases(self) -> dict[str, Path]:
         """Case id (folder name) -> case folder, for every visible sub-folder."""
-        return {
-            path.name: path
-            for path in sorted(self.src.iterdir())
-            if path.is_dir() and not path.name.startswith(".")
-        }
+        return visible_subfolders(self.src)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one case folder.

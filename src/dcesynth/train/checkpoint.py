@@ -21,20 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from dcesynth.io import InputError, atomic_write_bytes
 
 
-def save_weights(path: Path, model: torch.nn.Module) -> None:
+def save_weights(path: Path, model: torch.nn.Module, step: int | None = None) -> None:
     """Write the model's state dict as safetensors, atomically.
 
-    The metadata names the model class and, for the baseline, its number of target
-    phases, which `predict` needs to rebuild it.
+    The metadata names the model class, the training step (when given) and, for the
+    baseline, its number of target phases, which `predict` needs to rebuild it.
     """
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"model_class": type(model).__name__}
+    if step is not None:
+        metadata["step"] = str(step)
     if hasattr(model, "n_targets"):
         metadata["n_targets"] = str(model.n_targets)
     atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
@@ -59,6 +61,15 @@ def load_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
             f"unexpected {result.unexpected_keys[:3]})"
         )
     return model
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors weights file ({} when it has none)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: cannot read weights ({exc})") from exc
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:

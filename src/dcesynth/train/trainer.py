@@ -22,7 +22,10 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +38,36 @@ from dcesynth.config import RunConfig
 from dcesynth.data.sampling import PatchBatches, prepare_case, validation_patches
 from dcesynth.io import InputError, atomic_write_json, check_writable_dir
 from dcesynth.model import build_model
-from dcesynth.train.checkpoint import load_state, load_weights, save_state, save_weights
+from dcesynth.train.checkpoint import (
+    load_state,
+    load_weights,
+    save_state,
+    save_weights,
+    weights_metadata,
+)
 from dcesynth.train.losses import CombinedLoss, LossWeights, enhancement_weight
 from dcesynth.train.perceptual import load_perceptual_network
 from dcesynth.train.validation import validate
 
 log = logging.getLogger("dcesynth")
+
+
+@contextmanager
+def interrupts_between_steps():
+    """Hold Ctrl-C until the running step is complete, so the checkpoint saved is whole.
+
+    Yields a function telling whether an interrupt arrived. Outside the main thread
+    (where signals cannot be caught) interrupts act at once, as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: requested.append(signum))
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,7 @@ class Trainer:
         elif (self.ckpt_dir / "last_state.pt").exists():
             raise InputError(f"{self.run_dir}: holds a run already; use --resume or a new --out")
         train = config.train
+        self.amp = train.amp_on(self.device.type)
         case_dirs = find_cases(data_dir)
         if len(case_dirs) < 2:
             raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
@@ -202,8 +230,13 @@ class Trainer:
 
     def _restore(self) -> None:
         state = load_state(self.ckpt_dir / "last_state.pt")
-        load_weights(self.ckpt_dir / "last.safetensors", self.model)
+        weights = self.ckpt_dir / "last.safetensors"
+        load_weights(weights, self.model)
         self.step, self.best = int(state["step"]), float(state["best"])
+        if weights_metadata(weights).get("step") != str(self.step):
+            # The two files are written one after the other; a crash between them
+            # leaves a pair from different steps, which would not resume exactly.
+            raise InputError(f"{weights}: weights are not from step {self.step} of last_state.pt")
         if self.step < self.config.train.total_steps and state["stage"] is not None:
             stage = next(s for s in self.stages if s.name == state["stage"])
             self._enter(stage, announce=False)
@@ -214,7 +247,7 @@ class Trainer:
     def save(self) -> None:
         if self.rank != 0:
             return
-        save_weights(self.ckpt_dir / "last.safetensors", self.model)
+        save_weights(self.ckpt_dir / "last.safetensors", self.model, step=self.step)
         save_state(
             self.ckpt_dir / "last_state.pt",
             {
@@ -233,7 +266,11 @@ class Trainer:
         phases = phases.unsqueeze(2)  # (B, T, 1, X, Y, Z)
         targets = list(phases[:, 2:].unbind(1))
         target_times = list(times[:, 2:].unbind(1))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.amp):
+        with torch.autocast(
+            self.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.config.train.amp_on(self.device.type),
+        ):
             preds = self.net(
                 phases[:, 0],
                 [phases[:, 1]],
@@ -245,7 +282,14 @@ class Trainer:
         total, terms = self.loss(preds, targets, weight)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self.optimizer.step()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if torch.stack([g.isfinite().all() for g in grads]).all():
+            self.optimizer.step()
+        else:
+            # One bad batch (e.g. a bf16 overflow) must not poison the weights; AMP's
+            # gradient scaler skips such steps the same way. Under DDP the gradients are
+            # already averaged, so every rank takes the same decision.
+            log.warning("step %d: non-finite gradients, update skipped", self.step)
         self.scheduler.step()
         return terms
 
@@ -271,7 +315,7 @@ class Trainer:
         )
         metrics: dict[str, float] = {}
         started, done = time.perf_counter(), 0
-        try:
+        with interrupts_between_steps() as interrupted:
             for batch in loader:
                 stage = self.stage_at(self.step)
                 if stage.name != self.optimizer_stage:
@@ -283,10 +327,10 @@ class Trainer:
                     on_step(self.step, stage.name, terms, done / (time.perf_counter() - started))
                 if self.step % self.config.train.val_every == 0 or self.step in (stage.stop, stop):
                     metrics = self.validate_and_save(stage, terms)
-        except KeyboardInterrupt:
-            self.save()
-            log.warning("interrupted at step %d; continue with --resume", self.step)
-            raise
+                if interrupted():
+                    self.save()
+                    log.warning("interrupted at step %d; continue with --resume", self.step)
+                    raise KeyboardInterrupt
         return metrics
 
     def _enter(self, stage: Stage, announce: bool = True) -> None:
@@ -299,7 +343,9 @@ class Trainer:
             log.info("stage %s: steps %d-%d", stage.name, stage.start, stage.stop)
 
     def validate_and_save(self, stage: Stage, terms: dict[str, float]) -> dict[str, float]:
-        metrics = validate(self.model, self.val_batch, self.device, self.config.train.amp)
+        metrics = validate(
+            self.model, self.val_batch, self.device, self.config.train.amp_on(self.device.type)
+        )
         record = {"step": self.step, "stage": stage.name, **terms, **metrics}
         if self.rank == 0:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:

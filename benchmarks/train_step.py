@@ -1,0 +1,180 @@
+"""One iterU-Net training step, ours against the naive re-implementation, in the same run.
+
+A step is what ``Trainer.train_step`` does: a four-step rollout (pre + 1dyn -> 2dyn ... 5dyn),
+the loss of every step summed (0.1 L1 + 1 - SSIM + 0.1 GDL; the perceptual term is off, as
+without MedicalNet weights), backward, and an AdamW update. Both stages are timed: warm-up
+(teacher forcing) and optimisation (free-running, enhancement-weighted loss).
+
+Variants: ``naive fp32`` (``benchmarks/naive.py``: per-voxel time projection, contiguous,
+MONAI's dense SSIM), ``ours fp32`` and ``ours bf16`` (autocast); on CUDA also
+``naive bf16``. Before timing, both models start from the same weights and their fp32 losses
+must agree to ``LOSS_RTOL`` (relative). Timing interleaves the variants (A B C A B C ...) so
+that load from other processes falls on all of them alike; each figure is the median of
+``--repeats`` steps after one untimed step. The load average is printed before and after.
+
+The last line, ``speedup_vs_naive``, is the naive fp32 step (warm-up + optimisation) over
+our faster variant's step, on CPU; on CUDA it compares bf16 with bf16.
+
+Usage: ``python benchmarks/train_step.py [--quick] [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dcesynth.model import PAPER_FEATURES, IterUNet
+from dcesynth.train.losses import CombinedLoss, LossWeights, enhancement_weight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from naive import NaiveIterUNet, copy_weights, naive_loss  # noqa: E402
+
+TIMES_S = (0.0, 85.0, 155.0, 225.0, 295.0, 365.0)
+LOSS_RTOL = 1e-4
+QUICK_FEATURES = (8, 8, 16, 32, 64, 8)
+STAGES = ("warm-up", "optimisation")
+
+
+@dataclass
+class Variant:
+    """One way of running the step: a model, its optimiser, its loss and its precision."""
+
+    name: str
+    model: torch.nn.Module
+    naive: bool
+    bf16: bool
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-3)
+        self.loss = naive_loss if self.naive else CombinedLoss(LossWeights(), None)
+
+
+def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) -> dict:
+    """Smooth synthetic phases `(B, 1, X, Y, Z)` with an enhancing region, TI-normalised-like."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, 1, *patch)
+    anatomy = torch.nn.functional.avg_pool3d(torch.randn(shape, generator=generator), 5, 1, 2)
+    uptake = torch.rand(shape, generator=generator).pow(4) * 3
+    phases = [anatomy * 5 + uptake * (1 - torch.exp(torch.tensor(-t / 120))) for t in TIMES_S]
+    times = torch.tensor(TIMES_S).expand(batch, -1)
+    return {
+        "phases": [p.to(device) for p in phases],
+        "times_s": [t.to(device) for t in times.unbind(1)],
+    }
+
+
+def rollout(variant: Variant, batch: dict, teacher_forcing: bool) -> list[torch.Tensor]:
+    phases, times = batch["phases"], batch["times_s"]
+    teacher = phases[2:] if teacher_forcing else None
+    device_type = phases[0].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.bf16):
+        if variant.naive:
+            return variant.model.rollout(phases[0], phases[1], times[1], times[2:], teacher)
+        return variant.model(phases[0], [phases[1]], [times[1]], times[2:], teacher=teacher)
+
+
+def loss_of(variant: Variant, batch: dict, stage: str) -> torch.Tensor:
+    optimisation = stage == "optimisation"
+    preds = rollout(variant, batch, teacher_forcing=not optimisation)
+    phases = batch["phases"]
+    weight = enhancement_weight(phases[1], phases[-1]) if optimisation else None
+    loss = variant.loss(preds, phases[2:], weight)
+    return loss if variant.naive else loss[0]
+
+
+def train_step(variant: Variant, batch: dict, stage: str) -> float:
+    """One optimiser step; returns its wall time in seconds."""
+    synchronize = torch.cuda.synchronize if batch["phases"][0].is_cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    loss = loss_of(variant, batch, stage)
+    variant.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    variant.optimizer.step()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def check_same_loss(ours: IterUNet, naive: NaiveIterUNet, batch: dict) -> None:
+    """Both fp32 models, same weights: the losses of both stages agree to LOSS_RTOL."""
+    for stage in STAGES:
+        with torch.no_grad():
+            ours_loss = loss_of(Variant("ours", ours, False, False), batch, stage).item()
+            naive_loss_value = loss_of(Variant("naive", naive, True, False), batch, stage).item()
+        difference = abs(ours_loss - naive_loss_value) / abs(naive_loss_value)
+        print(
+            f"same weights, {stage} loss: ours {ours_loss:.6f} naive {naive_loss_value:.6f} "
+            f"(relative difference {difference:.1e}, tolerance {LOSS_RTOL:.0e})"
+        )
+        if difference > LOSS_RTOL:
+            raise SystemExit(f"error: the two models disagree on the {stage} loss")
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small U-Net and patch (smoke test)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and stage")
+    parser.add_argument("--batch", type=int, default=2, help="patches per step")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    features = QUICK_FEATURES if args.quick else PAPER_FEATURES
+    patch = (32, 32, 16) if args.quick else (64, 64, 32)
+    batch = make_batch(args.batch, patch, device)
+    torch.manual_seed(0)
+    ours = IterUNet(features=features).to(device)
+    naive = copy_weights(ours, NaiveIterUNet(features)).to(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU"
+    print(
+        f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; features "
+        f"{features}, patch {patch}, batch {args.batch}, {len(TIMES_S) - 2} rollout steps"
+    )
+    check_same_loss(ours, naive, batch)
+
+    variants = [
+        Variant("naive fp32", naive, True, False),
+        Variant("ours fp32", ours, False, False),
+        Variant("ours bf16", copy.deepcopy(ours), False, True),
+    ]
+    if device.type == "cuda":
+        variants.insert(1, Variant("naive bf16", copy.deepcopy(naive), True, True))
+    seconds = {(v.name, stage): [] for v in variants for stage in STAGES}
+    print(f"load average before: {load_average()}")
+    for stage in STAGES:
+        for repeat in range(args.repeats + 1):
+            for variant in variants:
+                elapsed = train_step(variant, batch, stage)
+                if repeat:  # the first step builds kernels and caches: untimed
+                    seconds[variant.name, stage].append(elapsed)
+    print(f"load average after: {load_average()}")
+
+    medians = {key: statistics.median(values) for key, values in seconds.items()}
+    print(f"{'variant':<12} {'warm-up s':>10} {'optim. s':>10} {'step s':>8}  (median of {args.repeats})")
+    step = {}
+    for variant in variants:
+        warm, optim = medians[variant.name, "warm-up"], medians[variant.name, "optimisation"]
+        step[variant.name] = warm + optim
+        print(f"{variant.name:<12} {warm:>10.3f} {optim:>10.3f} {step[variant.name]:>8.3f}")
+    if device.type == "cuda":
+        peer, ours_best = "naive bf16", "ours bf16"
+    else:
+        peer, ours_best = "naive fp32", min(("ours fp32", "ours bf16"), key=step.get)
+    print(f"speedup: {peer} / {ours_best}")
+    print(f"speedup_vs_naive: {step[peer] / step[ours_best]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
