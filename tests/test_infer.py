@@ -48,10 +48,11 @@ def make_run(tmp_path, name="iterunet", n_targets=4, seed=0):
     )
     atomic_write_json(run_dir / "config.json", config.to_json())
     torch.manual_seed(seed)
-    save_weights(
-        run_dir / "checkpoints" / "last.safetensors",
-        build_model(name, FEATURES, name == "iterunet", n_targets),
-    )
+    model = build_model(name, FEATURES, name == "iterunet", n_targets)
+    for module in model.modules():  # untrained output layers are zero (a copy): randomise
+        if hasattr(module, "final_conv"):
+            torch.nn.init.normal_(module.final_conv.weight, std=0.5)
+    save_weights(run_dir / "checkpoints" / "last.safetensors", model)
     return run_dir
 
 

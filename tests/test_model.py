@@ -9,6 +9,7 @@ from dcesynth.model import (
     ConvLSTMCell3D,
     IterUNet,
     SinusoidalTimeEncoding,
+    UNet3D,
     build_model,
 )
 
@@ -21,9 +22,27 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+def with_random_output(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every output convolution random weights: freshly built ones are zero (a copy)."""
+    for unet in model.modules():
+        if isinstance(unet, UNet3D):
+            torch.nn.init.normal_(unet.final_conv.weight, std=0.5)
+            torch.nn.init.normal_(unet.final_conv.bias, std=0.1)
+    return model
+
+
 def small_iterunet(temporal: bool = True) -> IterUNet:
     torch.manual_seed(0)
-    return IterUNet(features=SMALL_FEATURES, temporal=temporal).eval()
+    return with_random_output(IterUNet(features=SMALL_FEATURES, temporal=temporal)).eval()
+
+
+@torch.no_grad()
+def test_untrained_model_copies_the_current_phase_forward():
+    torch.manual_seed(0)
+    model = IterUNet(features=SMALL_FEATURES).eval()
+    pre, first = phases(2)
+    predictions = model.rollout(pre, [first], [85.0], TARGET_TIMES_S)
+    assert all(torch.equal(p, first) for p in predictions)
 
 
 def phases(count: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tensor]:
@@ -215,7 +234,7 @@ def test_earlier_observed_phases_warm_the_convlstm_state():
 @torch.no_grad()
 def test_baseline_returns_one_prediction_per_target_and_ignores_teacher():
     torch.manual_seed(0)
-    model = BaselineUNet(n_targets=4, features=SMALL_FEATURES).eval()
+    model = with_random_output(BaselineUNet(n_targets=4, features=SMALL_FEATURES)).eval()
     pre, first, *real = phases(6)
     free = model.rollout(pre, [first], [85.0], TARGET_TIMES_S)
     forced = model.rollout(pre, [first], [85.0], TARGET_TIMES_S, teacher=real)

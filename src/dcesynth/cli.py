@@ -358,6 +358,9 @@ def run_comparison(
 ) -> Path:
     """Simulate train/test cohorts, train each variant, predict the test cases, evaluate.
 
+    Writes OUT/data/{train,test}, OUT/cohort/index.html (the training cohort's lesion
+    curves by type), OUT/runs/VARIANT, OUT/predictions/VARIANT and OUT/report.
+
     Every stage is skipped when its output is already there, so an interrupted run
     continues where it stopped (training resumes from its last checkpoint).
     """
@@ -376,6 +379,10 @@ def run_comparison(
                 workers=None,
                 report=False,
             )
+    if not (out / "cohort" / "index.html").is_file():
+        from dcesynth.report import write_cohort_report
+
+        print(f"cohort report: {write_cohort_report(train_dir, out / 'cohort')}")
     predictions = {}
     for name in variants:
         run_dir = out / "runs" / name
@@ -440,7 +447,7 @@ def experiment(
         list(VARIANTS),
         train_cases=cases,
         test_cases=max(2, cases // 4),
-        shape=(128, 128, 64),
+        shape=(64, 64, 32),
         seed=seed,
     )
     print(f"experiment done: open {page}")

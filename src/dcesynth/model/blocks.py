@@ -114,6 +114,23 @@ class TimeEmbedding(nn.Module):
         return F.gelu(self.mlp(encoding))
 
 
+ZERO_STATE_GATES = [0, 2, 3]
+"""The gates a zero ConvLSTM state needs: input, output, candidate (not forget)."""
+
+
+def _dense_chunks(gates: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """Split `(B, count * C, X, Y, Z)` into `count` gates of C channels.
+
+    A channel slice of a channels-last tensor is strided, and bf16 sigmoid/tanh on strided
+    input take a slow path on CPU (~5x); copying each gate to a dense channels-last tensor
+    first is cheaper. Contiguous (NCDHW) gates are sliced as they are.
+    """
+    chunks = gates.chunk(count, dim=1)
+    if gates.is_contiguous():
+        return chunks
+    return tuple(chunk.contiguous(memory_format=torch.channels_last_3d) for chunk in chunks)
+
+
 class ConvLSTMCell3D(nn.Module):
     """Convolutional LSTM cell (Shi et al., NeurIPS 2015) for 3-D feature maps.
 
@@ -150,14 +167,22 @@ class ConvLSTMCell3D(nn.Module):
             The new `(hidden, cell)`; `hidden` is also the cell's output.
         """
         if state is None:
-            # A zero hidden state adds nothing to the gates: convolve the input alone.
-            weight = self.gates.weight[:, : self.input_channels]
-            gates = F.conv3d(x, weight, self.gates.bias, padding=self.gates.padding)
+            # A zero state adds nothing to the gates and leaves the forget gate unused:
+            # convolve the input alone, for the input, output and candidate gates only.
+            weight = self.gates.weight.unflatten(0, (4, -1))[ZERO_STATE_GATES]
+            bias = self.gates.bias.unflatten(0, (4, -1))[ZERO_STATE_GATES]
+            gates = F.conv3d(
+                x,
+                weight[:, :, : self.input_channels].flatten(0, 1),
+                bias.flatten(),
+                padding=self.gates.padding,
+            )
+            input_gate, output_gate, candidate = _dense_chunks(gates, 3)
+            cell = torch.sigmoid(input_gate) * torch.tanh(candidate)
         else:
             gates = self.gates(torch.cat([x, state[0]], dim=1))
-        input_gate, forget_gate, output_gate, candidate = gates.chunk(4, dim=1)
-        cell = torch.sigmoid(input_gate) * torch.tanh(candidate)
-        if state is not None:
+            input_gate, forget_gate, output_gate, candidate = _dense_chunks(gates, 4)
+            cell = torch.sigmoid(input_gate) * torch.tanh(candidate)
             cell = cell + torch.sigmoid(forget_gate) * state[1]
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
         return hidden, cell
