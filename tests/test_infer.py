@@ -49,7 +49,7 @@ def make_run(tmp_path, name="iterunet", n_targets=4, seed=0):
     atomic_write_json(run_dir / "config.json", config.to_json())
     torch.manual_seed(seed)
     model = build_model(name, FEATURES, name == "iterunet", n_targets)
-    for module in model.modules():  # untrained output layers are zero (a copy): randomise
+    for module in model.modules():  # a visibly non-trivial output layer
         if hasattr(module, "final_conv"):
             torch.nn.init.normal_(module.final_conv.weight, std=0.5)
     save_weights(run_dir / "checkpoints" / "last.safetensors", model)

@@ -23,7 +23,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def with_random_output(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every output convolution random weights: freshly built ones are zero (a copy)."""
+    """Give every output convolution clearly non-zero weights, so that changes show."""
     for unet in model.modules():
         if isinstance(unet, UNet3D):
             torch.nn.init.normal_(unet.final_conv.weight, std=0.5)
@@ -34,15 +34,6 @@ def with_random_output(model: torch.nn.Module) -> torch.nn.Module:
 def small_iterunet(temporal: bool = True) -> IterUNet:
     torch.manual_seed(0)
     return with_random_output(IterUNet(features=SMALL_FEATURES, temporal=temporal)).eval()
-
-
-@torch.no_grad()
-def test_untrained_model_copies_the_current_phase_forward():
-    torch.manual_seed(0)
-    model = IterUNet(features=SMALL_FEATURES).eval()
-    pre, first = phases(2)
-    predictions = model.rollout(pre, [first], [85.0], TARGET_TIMES_S)
-    assert all(torch.equal(p, first) for p in predictions)
 
 
 def phases(count: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tensor]:
