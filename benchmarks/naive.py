@@ -134,7 +134,9 @@ class NaiveIterUNet(nn.Module):
             for block, down in enumerate(self.downs, start=1):
                 skips.append(self._add_time(down(skips[-1]), block, embedding))
             features = skips.pop()
-            for block, (up, skip) in enumerate(zip(self.ups, reversed(skips)), start=5):
+            for block, (up, skip) in enumerate(
+                zip(self.ups, reversed(skips), strict=True), start=5
+            ):
                 features = self._add_time(up(features, skip), block, embedding)
             prediction = self.final_conv(features) + current
             predictions.append(prediction)
@@ -179,7 +181,7 @@ def reference_gdl(pred: Tensor, target: Tensor) -> Tensor:
             (x[:, :, :, :, 1:] - x[:, :, :, :, :-1]).abs(),
         )
 
-    return sum(F.l1_loss(p, t) for p, t in zip(gradients(pred), gradients(target)))
+    return sum(F.l1_loss(p, t) for p, t in zip(gradients(pred), gradients(target), strict=True))
 
 
 def naive_loss(

@@ -10,7 +10,9 @@ MONAI's dense SSIM), ``ours fp32`` and ``ours bf16`` (autocast); on CUDA also
 ``naive bf16``. Before timing, both models start from the same weights and their fp32 losses
 must agree to ``LOSS_RTOL`` (relative). Timing interleaves the variants (A B C A B C ...) so
 that load from other processes falls on all of them alike; each figure is the median of
-``--repeats`` steps after one untimed step. The load average is printed before and after.
+``--repeats`` steps, after one untimed step per variant. The load average is printed before
+and after. On a shared CPU run it with ``OMP_WAIT_POLICY=PASSIVE`` (``make bench`` does):
+OpenMP threads that spin while they wait for a busy core made steps up to 3x slower.
 
 The last line, ``speedup_vs_naive``, is the naive fp32 step (warm-up + optimisation) over
 our faster variant's step, on CPU; on CUDA it compares bf16 with bf16.
@@ -136,6 +138,9 @@ def main() -> None:
     batch = make_batch(args.batch, patch, device)
     torch.manual_seed(0)
     ours = IterUNet(features=features).to(device)
+    # A fresh output conv is zero (each step copies its input); random, the loss check below
+    # compares the two networks too, not only the two losses.
+    ours.unet.final_conv.reset_parameters()
     naive = copy_weights(ours, NaiveIterUNet(features)).to(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU"
     print(
@@ -153,21 +158,22 @@ def main() -> None:
         variants.insert(1, Variant("naive bf16", copy.deepcopy(naive), True, True))
     seconds = {(v.name, stage): [] for v in variants for stage in STAGES}
     print(f"load average before: {load_average()}")
+    for variant in variants:  # the first step builds kernels and caches: untimed
+        train_step(variant, batch, STAGES[0])
     for stage in STAGES:
-        for repeat in range(args.repeats + 1):
+        for _ in range(args.repeats):
             for variant in variants:
-                elapsed = train_step(variant, batch, stage)
-                if repeat:  # the first step builds kernels and caches: untimed
-                    seconds[variant.name, stage].append(elapsed)
+                seconds[variant.name, stage].append(train_step(variant, batch, stage))
     print(f"load average after: {load_average()}")
 
     medians = {key: statistics.median(values) for key, values in seconds.items()}
-    print(f"{'variant':<12} {'warm-up s':>10} {'optim. s':>10} {'step s':>8}  (median of {args.repeats})")
-    step = {}
-    for variant in variants:
-        warm, optim = medians[variant.name, "warm-up"], medians[variant.name, "optimisation"]
-        step[variant.name] = warm + optim
-        print(f"{variant.name:<12} {warm:>10.3f} {optim:>10.3f} {step[variant.name]:>8.3f}")
+    step = {v.name: medians[v.name, "warm-up"] + medians[v.name, "optimisation"] for v in variants}
+    header = f"{'variant':<12} {'warm-up s':>10} {'optim. s':>10} {'step s':>8} {'naive fp32/':>12}"
+    print(f"{header}  (median of {args.repeats})")
+    for name, total in step.items():
+        warm, optim = medians[name, "warm-up"], medians[name, "optimisation"]
+        ratio = step["naive fp32"] / total
+        print(f"{name:<12} {warm:>10.3f} {optim:>10.3f} {total:>8.3f} {ratio:>12.2f}")
     if device.type == "cuda":
         peer, ours_best = "naive bf16", "ours bf16"
     else:

@@ -124,7 +124,7 @@ def train(
     data: Annotated[Path, typer.Argument(help="Folder of cases (e.g. from `simulate`).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     model: Annotated[str, typer.Option(help="iterunet or baseline.")] = "iterunet",
-    preset: Annotated[str, typer.Option(help="demo, cpu or paper.")] = "demo",
+    preset: Annotated[str, typer.Option(help="demo, cpu, gpu or paper.")] = "demo",
     no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Ablation: skip stage 1.")] = False,
     no_temporal: Annotated[
         bool, typer.Option("--no-temporal", help="Ablation: no time embedding, no ConvLSTM.")
