@@ -108,47 +108,42 @@ class WindowPredictor:
 
     A window is ``(W, 1 + n_observed + 1, x, y, z)``: pre, the observed phases, and the
     ROI mask as the last channel. Returns ``(W, n_targets, x, y, z)``. Windows without
-    ROI voxels are not run; ``calls`` counts the windows the model did run.
+    ROI voxels are not run; ``calls`` counts the windows the model did run. The model
+    predicts ``model_target_times_s``; the last ``n_wanted`` predictions are kept (the
+    baseline always predicts every phase after 1dyn, also those the user observed).
     """
 
     def __init__(
         self,
         run: LoadedRun,
         observed_times_s,
-        target_times_s,
+        model_target_times_s,
+        n_wanted: int,
         amp: bool,
         on_windows: Callable[[int], None] | None = None,
     ):
         self.run, self.amp, self.on_windows = run, amp, on_windows
         self.observed_times_s = [float(t) for t in observed_times_s]
-        self.target_times_s = [float(t) for t in target_times_s]
+        self.model_target_times_s = [float(t) for t in model_target_times_s]
+        self.n_wanted = n_wanted
         self.calls = 0
         self.skipped = 0
-
-    def n_model_targets(self) -> int:
-        """The baseline always predicts all its phases; we keep the ones asked for."""
-        return getattr(self.run.model, "n_targets", len(self.target_times_s))
 
     @torch.no_grad()
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         images, roi = windows[:, :-1], windows[:, -1]
         last_observed = images[:, -1:]
-        out = last_observed.expand(-1, len(self.target_times_s), *images.shape[2:]).clone()
+        out = last_observed.expand(-1, self.n_wanted, *images.shape[2:]).clone()
         active = roi.flatten(1).amax(dim=1) > 0.5
         if active.any():
             batch = images[active]
-            pre, observed = batch[:, :1], list(batch[:, 1:].unbind(1))
-            observed = [o[:, None] for o in observed]
-            n_model = self.n_model_targets()
-            times = self.target_times_s
-            if n_model != len(times):
-                # Baseline: it predicts every phase after the first post-contrast one.
-                times = [0.0] * (n_model - len(times)) + times
+            pre, observed = batch[:, :1], [o[:, None] for o in batch[:, 1:].unbind(1)]
             device_type = self.run.device.type
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
-                preds = self.run.model(pre, observed, self.observed_times_s[1:], times)
-            preds = preds[len(preds) - len(self.target_times_s) :]
-            out[active] = torch.cat(preds, dim=1).float()
+                preds = self.run.model(
+                    pre, observed, self.observed_times_s[1:], self.model_target_times_s
+                )
+            out[active] = torch.cat(preds[-self.n_wanted :], dim=1).float()
         self.calls += int(active.sum())
         self.skipped += int((~active).sum())
         if self.on_windows:
@@ -183,11 +178,15 @@ def predict_case(
     """
     names = parse_inputs(inputs, case)
     targets = target_times(case, len(names), times_s)
-    if run.config.model.name == "baseline" and len(names) - 2 + len(targets) != run.model.n_targets:
-        raise InputError(
-            f"{case.case_id}: this baseline predicts {run.model.n_targets} phases after 1dyn; "
-            f"the protocol asks for {len(names) - 2 + len(targets)}"
-        )
+    model_targets = targets
+    if run.config.model.name == "baseline":
+        # The baseline maps pre + 1dyn to every later phase; observed ones are dropped.
+        model_targets = list(case.times_s[2 : len(names)]) + targets
+        if len(model_targets) != run.model.n_targets:
+            raise InputError(
+                f"{case.case_id}: this baseline predicts {run.model.n_targets} phases after "
+                f"1dyn; the protocol asks for {len(model_targets)}"
+            )
     norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
     observed = norm.forward(case.phases[: len(names)])
     stack = np.concatenate([observed, case.roi[None].astype(np.float32)])
@@ -195,7 +194,8 @@ def predict_case(
     predictor = WindowPredictor(
         run,
         case.times_s[: len(names)],
-        targets,
+        model_targets,
+        len(targets),
         run.config.train.amp_on(run.device.type) if amp is None else amp,
         on_windows,
     )
