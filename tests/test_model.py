@@ -174,15 +174,47 @@ def test_sinusoidal_encoding_separates_every_second_from_0_to_600_s():
     assert distances.min() > 0.5
 
 
-@torch.no_grad()
-def test_teacher_forcing_feeds_the_real_phases(monkeypatch):
-    model = small_iterunet()
-    pre, first, *real = phases(6)
-    calls = record_step_inputs(model, monkeypatch)
-    model.rollout(pre, [first], [85.0], TARGET_TIMES_S, teacher=real)
-    fed = [current for current, _, _ in calls]
-    assert fed[0] is first
-    assert all(fed[k] is real[k - 1] for k in range(1, 4))
+@pytest.mark.parametrize("batch_steps", [True, False])
+@pytest.mark.parametrize("temporal", [True, False])
+@pytest.mark.parametrize("n_observed", [1, 2])
+def test_teacher_forcing_equals_stepping_with_the_real_phases(temporal, n_observed, batch_steps):
+    """A teacher-forced rollout, its steps batched or not, is `step` fed the real phases:
+    the same values and gradients."""
+    model = small_iterunet(temporal)
+    pre, *observed = phases(1 + n_observed)
+    real = phases(6)[2:]
+    times = [85.0, 155.0][:n_observed]
+    targets = TARGET_TIMES_S[n_observed - 1 :]
+    real = real[: len(targets)]
+
+    def stepped():
+        state = None
+        if temporal:
+            for phase in observed[:-1]:
+                _, state = model.unet.first_level(torch.cat([pre, phase], dim=1), state)
+        current, current_time = observed[-1], times[-1]
+        outputs = []
+        for target_time, teacher in zip(targets, real, strict=True):
+            prediction, state = model.step(pre, current, current_time, target_time, state)
+            outputs.append(prediction)
+            current, current_time = teacher, target_time
+        return outputs
+
+    def values_and_gradients(rollout):
+        model.zero_grad()
+        outputs = rollout()
+        sum(output.square().mean() for output in outputs).backward()
+        return outputs, [p.grad.clone() for p in model.parameters()]
+
+    expected, expected_grads = values_and_gradients(stepped)
+    actual, actual_grads = values_and_gradients(
+        lambda: model.rollout(pre, observed, times, targets, real, batch_steps)
+    )
+    assert len(actual) == len(targets)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    for a, e in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

@@ -118,6 +118,39 @@ ZERO_STATE_GATES = [0, 2, 3]
 """The gates a zero ConvLSTM state needs: input, output, candidate (not forget)."""
 
 
+class _DenseGradChannelCat(torch.autograd.Function):
+    """`torch.cat` along channels whose backward hands each input a channels-last gradient."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.channels = [tensor.shape[1] for tensor in tensors]
+        return torch.cat(tensors, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            part.contiguous(memory_format=torch.channels_last_3d)
+            for part in grad.split(ctx.channels, dim=1)
+        )
+
+
+def cat_channels(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate `(B, C_i, X, Y, Z)` tensors along channels.
+
+    The gradient of a channel slice of a channels-last tensor is strided, and on CPU the
+    element-wise backward kernels it then meets (activation, accumulation) take a slow path
+    (up to 25x): channels-last inputs on CPU get their gradients back as dense channels-last
+    tensors instead, for the price of one copy.
+    """
+    if tensors[0].device.type == "cpu" and _is_channels_last(tensors[0]):
+        return _DenseGradChannelCat.apply(*tensors)
+    return torch.cat(tensors, dim=1)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def _dense_chunks(gates: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """Split `(B, count * C, X, Y, Z)` into `count` gates of C channels.
 
@@ -180,12 +213,25 @@ class ConvLSTMCell3D(nn.Module):
             input_gate, output_gate, candidate = _dense_chunks(gates, 3)
             cell = torch.sigmoid(input_gate) * torch.tanh(candidate)
         else:
-            gates = self.gates(torch.cat([x, state[0]], dim=1))
+            gates = self.gates(cat_channels(x, state[0]))
             input_gate, forget_gate, output_gate, candidate = _dense_chunks(gates, 4)
             cell = torch.sigmoid(input_gate) * torch.tanh(candidate)
             cell = cell + torch.sigmoid(forget_gate) * state[1]
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
         return hidden, cell
+
+
+class SkipUpCat(UpCat):
+    """MONAI's `UpCat` for inputs whose sizes are even at every level (no padding), with the
+    skip concatenation done by `cat_channels`."""
+
+    def __init__(self, in_chns: int, cat_chns: int, out_chns: int, **options):
+        super().__init__(3, in_chns, cat_chns, out_chns, is_pad=False, **options)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Up-sample `x` `(B, in_chns, X/2, Y/2, Z/2)`, concatenate after `skip`
+        `(B, cat_chns, X, Y, Z)`, and convolve: `(B, out_chns, X, Y, Z)`."""
+        return self.convs(cat_channels(skip, self.upsample(x)))
 
 
 class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
@@ -202,7 +248,7 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise `(B, C, X, Y, Z)`; a channels-last input gives a channels-last output."""
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
+        if not _is_channels_last(x):
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
         samples = [
             F.batch_norm(sample, None, None, self.weight, self.bias, training=True, eps=self.eps)
@@ -221,8 +267,10 @@ def keep_channels_last(module: nn.Module) -> None:
     for parent in module.modules():
         for name, child in parent.named_children():
             if type(child) is nn.InstanceNorm3d and not child.track_running_stats:
+                # `bias=False` (an affine norm without bias) exists from torch 2.12 only.
+                no_bias = {"bias": False} if child.affine and child.bias is None else {}
                 norm = ChannelsLastInstanceNorm3d(
-                    child.num_features, child.eps, affine=child.affine, bias=child.bias is not None
+                    child.num_features, child.eps, affine=child.affine, **no_bias
                 )
                 setattr(parent, name, norm)
 
@@ -264,13 +312,13 @@ class UNet3D(nn.Module):
         self.conv_lstm = ConvLSTMCell3D(f[0], f[0]) if recurrent else None
         self.downs = nn.ModuleList(Down(3, f[k], f[k + 1], act, norm, bias=True) for k in range(4))
         # Sizes are divisible by 16, so UpCat's odd-size padding (a full copy) is never needed.
-        up_options = {"act": act, "norm": norm, "bias": True, "is_pad": False}
+        up_options = {"act": act, "norm": norm, "bias": True}
         self.ups = nn.ModuleList(
             [
-                UpCat(3, f[4], f[3], f[3], **up_options),
-                UpCat(3, f[3], f[2], f[2], **up_options),
-                UpCat(3, f[2], f[1], f[1], **up_options),
-                UpCat(3, f[1], f[0], f[5], halves=False, **up_options),
+                SkipUpCat(f[4], f[3], f[3], **up_options),
+                SkipUpCat(f[3], f[2], f[2], **up_options),
+                SkipUpCat(f[2], f[1], f[1], **up_options),
+                SkipUpCat(f[1], f[0], f[5], halves=False, **up_options),
             ]
         )
         self.final_conv = Conv["conv", 3](f[5], out_channels, kernel_size=1)
@@ -293,13 +341,25 @@ class UNet3D(nn.Module):
             `(B, features[0], X, Y, Z)` level-0 features and the new state (None without a
             ConvLSTM).
         """
+        return self.recur(self.level_0(x), state)
+
+    def level_0(self, x: torch.Tensor) -> torch.Tensor:
+        """The level-0 block alone: `(B, in_channels, X, Y, Z)` -> `(B, features[0], X, Y, Z)`."""
         # Channels-last is what oneDNN's 3-D convolutions want on CPU: with few channels the
         # backward pass is up to 20x faster than in the default layout, and the whole U-Net
         # keeps it (see ChannelsLastInstanceNorm3d). CUDA gained nothing from it (measured on
         # an H200), so there the default layout and its well-trodden kernels stay.
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        level_0 = self.conv_0(x)
+        return self.conv_0(x)
+
+    def recur(
+        self, level_0: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState | None]:
+        """Advance the ConvLSTM on level-0 features; its hidden state replaces them.
+
+        Without a ConvLSTM, returns `level_0` unchanged and None.
+        """
         if self.conv_lstm is None:
             return level_0, None
         state = self.conv_lstm(level_0, state)
@@ -322,6 +382,12 @@ class UNet3D(nn.Module):
         Returns:
             `(B, out_channels, X, Y, Z)` output and the new ConvLSTM state.
         """
+        self.check_input(x, embedding)
+        level_0, state = self.first_level(x, state)
+        return self.rest(level_0, embedding), state
+
+    def check_input(self, x: torch.Tensor, embedding: torch.Tensor | None) -> None:
+        """Raise ValueError unless `x` and `embedding` suit `forward`."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x: expected shape (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}"
@@ -336,18 +402,26 @@ class UNet3D(nn.Module):
             raise ValueError(
                 "embedding: must be given exactly when the U-Net is built with time_dim"
             )
-        level_0, state = self.first_level(x, state)
+
+    def rest(self, level_0: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:
+        """Everything after `first_level`: `(B, features[0], X, Y, Z)` level-0 features
+        (after the ConvLSTM) and the `(B, time_dim)` embedding -> `(B, out_channels, X, Y, Z)`."""
         skips = [self._add_time(level_0, 0, embedding)]
         for block, down in enumerate(self.downs, start=1):
             skips.append(self._add_time(down(skips[-1]), block, embedding))
         features = skips.pop()
         for block, (up, skip) in enumerate(zip(self.ups, reversed(skips), strict=True), start=5):
             features = self._add_time(up(features, skip), block, embedding)
-        return self.final_conv(features), state
+        return self.final_conv(features)
 
     def _add_time(
         self, features: torch.Tensor, block: int, embedding: torch.Tensor | None
     ) -> torch.Tensor:
         if embedding is None:
             return features
-        return features + self.time_projections[block](embedding)[:, :, None, None, None]
+        shift = self.time_projections[block](embedding)[:, :, None, None, None]
+        if features.device.type == "cpu" and _is_channels_last(features):
+            # Adding a (B, C, 1, 1, 1) tensor to a channels-last one takes a slow path on CPU
+            # (~9x); a dense channels-last copy of the shift is cheaper than that.
+            shift = shift.expand_as(features).contiguous(memory_format=torch.channels_last_3d)
+        return features + shift

@@ -94,15 +94,52 @@ class IterUNet(nn.Module):
                 tensor is not `(B,)`.
         """
         _check_phase("current", current, pre)
-        embedding = None
-        if self.time_embedding is not None:
-            batch_size, device = pre.shape[0], pre.device
-            embedding = self.time_embedding(
-                _batch_times("current_time_s", current_time_s, batch_size, device),
-                _batch_times("target_time_s", target_time_s, batch_size, device),
-            )
+        embedding = self._embed(pre, current_time_s, target_time_s)
         delta, state = self.unet(torch.cat([pre, current], dim=1), embedding, state)
         return current + delta, state
+
+    def _embed(
+        self, pre: torch.Tensor, current_time_s: Times, target_time_s: Times
+    ) -> torch.Tensor | None:
+        """`(B, time_dim)` step embedding, or None without time conditioning."""
+        if self.time_embedding is None:
+            return None
+        batch_size, device = pre.shape[0], pre.device
+        return self.time_embedding(
+            _batch_times("current_time_s", current_time_s, batch_size, device),
+            _batch_times("target_time_s", target_time_s, batch_size, device),
+        )
+
+    def _teacher_forced(
+        self,
+        pre: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        input_times_s: Sequence[Times],
+        target_times_s: Sequence[Times],
+        state: LSTMState | None,
+    ) -> list[torch.Tensor]:
+        """Every step of a teacher-forced rollout in one batch of `len(inputs) * B`.
+
+        With teacher forcing every step's input is known in advance, and only the ConvLSTM
+        depends on the step before: the level-0 block runs once on all steps, the ConvLSTM
+        step by step on its slices, and the rest of the U-Net once on all steps again. The
+        same function as calling `step` in a loop, with larger (faster) batches.
+        """
+        for index, phase in enumerate(inputs):
+            _check_phase(f"rollout input {index}", phase, pre)
+        x = torch.cat([torch.cat([pre, phase], dim=1) for phase in inputs])
+        embeddings = [
+            self._embed(pre, current, target)
+            for current, target in zip(input_times_s, target_times_s, strict=True)
+        ]
+        embedding = None if embeddings[0] is None else torch.cat(embeddings)
+        self.unet.check_input(x, embedding)
+        hidden = []
+        for level_0 in self.unet.level_0(x).chunk(len(inputs)):
+            level_0, state = self.unet.recur(level_0, state)
+            hidden.append(level_0)
+        deltas = self.unet.rest(torch.cat(hidden), embedding).chunk(len(inputs))
+        return [phase + delta for phase, delta in zip(inputs, deltas, strict=True)]
 
     def rollout(
         self,
@@ -111,6 +148,7 @@ class IterUNet(nn.Module):
         observed_times_s: Sequence[Times],
         target_times_s: Sequence[Times],
         teacher: Sequence[torch.Tensor] | None = None,
+        batch_steps: bool | None = None,
     ) -> list[torch.Tensor]:
         """Predict every target phase in order, starting from the last observed phase.
 
@@ -128,6 +166,9 @@ class IterUNet(nn.Module):
             target_times_s: times of the phases to predict, in order, seconds.
             teacher: real target phases, one per target; `teacher[k]` is the input of the
                 step to target `k + 1` (so the last one is never fed).
+            batch_steps: with `teacher`, run all steps as one batch; None = on CUDA only,
+                where the larger batch keeps the GPU busier (on CPU, measured slower: the
+                larger working set costs more than the calls it saves).
 
         Returns:
             One `(B, 1, X, Y, Z)` prediction per target time.
@@ -139,6 +180,12 @@ class IterUNet(nn.Module):
                 _check_phase(f"observed[{index}]", phase, pre)
                 _, state = self.unet.first_level(torch.cat([pre, phase], dim=1), state)
         current, current_time_s = observed[-1], observed_times_s[-1]
+        if batch_steps is None:
+            batch_steps = pre.device.type == "cuda"
+        if teacher is not None and batch_steps and len(target_times_s) > 1:
+            inputs = [current, *teacher[:-1]]
+            input_times_s = [current_time_s, *target_times_s[:-1]]
+            return self._teacher_forced(pre, inputs, input_times_s, target_times_s, state)
         predictions = []
         for index, target_time_s in enumerate(target_times_s):
             prediction, state = self.step(pre, current, current_time_s, target_time_s, state)
@@ -154,9 +201,10 @@ class IterUNet(nn.Module):
         observed_times_s: Sequence[Times],
         target_times_s: Sequence[Times],
         teacher: Sequence[torch.Tensor] | None = None,
+        batch_steps: bool | None = None,
     ) -> list[torch.Tensor]:
         """Same as `rollout`."""
-        return self.rollout(pre, observed, observed_times_s, target_times_s, teacher)
+        return self.rollout(pre, observed, observed_times_s, target_times_s, teacher, batch_steps)
 
 
 class BaselineUNet(nn.Module):
