@@ -157,6 +157,8 @@ def measure(case_dir: Path, run_dir: Path, bf16: bool, real_windows: int | None)
             "windows_run": prediction.windows_run,
             "windows_total": count_windows(case.shape, run.config.train.patch, overlap),
         }
+    if cuda:
+        result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     crop, lesion = lesion_crop(case, run.config.train.patch)
     predicted = predict_case(run, crop, amp=bf16).phases
     result["lesion_means"] = [float(phase[lesion].mean()) for phase in predicted]
@@ -164,8 +166,6 @@ def measure(case_dir: Path, run_dir: Path, bf16: bool, real_windows: int | None)
         crop.phases[-1][lesion].mean() - crop.phases[0][lesion].mean()
     )
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if cuda:
-        result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
 
@@ -191,7 +191,7 @@ def report(results: dict[str, dict], shape: tuple[int, ...]) -> None:
             figures = result[f"overlap_{overlap}"]
             how = "extrapolated" if figures["extrapolated"] else "measured"
             print(
-                f"{precision} overlap {overlap}: {figures['seconds']:.1f} s ({how}), windows run "
+                f"{precision} overlap {overlap}: {figures['seconds']:.3f} s ({how}), windows run "
                 f"{figures['windows_run']} of {figures['windows_total']}"
             )
         cuda = f", CUDA peak {result['cuda_peak_gib']:.2f} GiB" if "cuda_peak_gib" in result else ""

@@ -6,9 +6,12 @@ without MedicalNet weights), backward, and an AdamW update. Both stages are time
 (teacher forcing) and optimisation (free-running, enhancement-weighted loss).
 
 Variants: ``naive fp32`` (``benchmarks/naive.py``: per-voxel time projection, contiguous,
-MONAI's dense SSIM), ``ours fp32`` and ``ours bf16`` (autocast); on CUDA also
-``naive bf16``. Before timing, both models start from the same weights and their fp32 losses
-must agree to ``LOSS_RTOL`` (relative). Timing interleaves the variants (A B C A B C ...) so
+MONAI's dense SSIM, default AdamW), ``ours fp32`` and ``ours bf16`` (autocast); on CUDA also
+``naive bf16``, ``ours bf16 NDHWC`` (channels-last 3-D on the GPU too, which the model
+does not do by default there) and ``ours bf16 step`` (teacher forcing step by step rather than
+the default on CUDA, all steps in one batch). On CUDA the patch is the paper's, 96x96x48.
+Before timing, both models start from the same weights and their fp32 losses must agree to
+``LOSS_RTOL`` (relative). Timing interleaves the variants (A B C A B C ...) so
 that load from other processes falls on all of them alike; each figure is the median of
 ``--repeats`` steps, after one untimed step per variant. The load average is printed before
 and after. On a shared CPU run it with ``OMP_WAIT_POLICY=PASSIVE`` (``make bench`` does):
@@ -17,7 +20,10 @@ OpenMP threads that spin while they wait for a busy core made steps up to 3x slo
 The last line, ``speedup_vs_naive``, is the naive fp32 step (warm-up + optimisation) over
 our faster variant's step, on CPU; on CUDA it compares bf16 with bf16.
 
-Usage: ``python benchmarks/train_step.py [--quick] [--repeats 5]``
+``--profile`` ends with a profile of one ``ours bf16`` step per stage: the operators that
+took most time (CUDA kernels on a GPU).
+
+Usage: ``python benchmarks/train_step.py [--quick] [--repeats 5] [--patch X Y Z] [--profile]``
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 from dcesynth.model import PAPER_FEATURES, IterUNet
 from dcesynth.train.losses import CombinedLoss, LossWeights, enhancement_weight
+from dcesynth.train.trainer import make_adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive import NaiveIterUNet, copy_weights, naive_loss  # noqa: E402
@@ -53,10 +60,17 @@ class Variant:
     model: torch.nn.Module
     naive: bool
     bf16: bool
+    channels_last: bool = False
+    batch_steps: bool | None = None
 
     def __post_init__(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-3)
+        if self.naive:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-3)
+        else:
+            self.optimizer = make_adamw(self.model.parameters(), lr=1e-4, weight_decay=1e-3)
         self.loss = naive_loss if self.naive else CombinedLoss(LossWeights(), None)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
 
 
 def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) -> dict:
@@ -75,12 +89,16 @@ def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) ->
 
 def rollout(variant: Variant, batch: dict, teacher_forcing: bool) -> list[torch.Tensor]:
     phases, times = batch["phases"], batch["times_s"]
+    if variant.channels_last:
+        phases = [p.contiguous(memory_format=torch.channels_last_3d) for p in phases]
     teacher = phases[2:] if teacher_forcing else None
     device_type = phases[0].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.bf16):
         if variant.naive:
             return variant.model.rollout(phases[0], phases[1], times[1], times[2:], teacher)
-        return variant.model(phases[0], [phases[1]], [times[1]], times[2:], teacher=teacher)
+        return variant.model(
+            phases[0], [phases[1]], [times[1]], times[2:], teacher, variant.batch_steps
+        )
 
 
 def loss_of(variant: Variant, batch: dict, stage: str) -> torch.Tensor:
@@ -120,6 +138,23 @@ def check_same_loss(ours: IterUNet, naive: NaiveIterUNet, batch: dict) -> None:
             raise SystemExit(f"error: the two models disagree on the {stage} loss")
 
 
+def print_profile(variant: Variant, batch: dict) -> None:
+    """Profile one step of `variant` per stage; print the operators that took most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batch["phases"][0].is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    for stage in STAGES:
+        with profile(activities=activities) as profiler:
+            train_step(variant, batch, stage)
+        print(f"profile of one {variant.name} step, {stage}:")
+        table = profiler.key_averages().table(
+            sort_by=sort_by, row_limit=20, max_name_column_width=60
+        )
+        print(table)
+
+
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -129,12 +164,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small U-Net and patch (smoke test)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and stage")
     parser.add_argument("--batch", type=int, default=2, help="patches per step")
+    parser.add_argument("--patch", type=int, nargs=3, help="default: 64 64 32 (CUDA: 96 96 48)")
+    parser.add_argument("--profile", action="store_true", help="profile ours bf16 at the end")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     features = QUICK_FEATURES if args.quick else PAPER_FEATURES
-    patch = (32, 32, 16) if args.quick else (64, 64, 32)
+    if args.patch:
+        patch = tuple(args.patch)
+    elif args.quick:
+        patch = (32, 32, 16)
+    else:
+        patch = (96, 96, 48) if device.type == "cuda" else (64, 64, 32)
     batch = make_batch(args.batch, patch, device)
     torch.manual_seed(0)
     ours = IterUNet(features=features).to(device)
@@ -156,6 +198,9 @@ def main() -> None:
     ]
     if device.type == "cuda":
         variants.insert(1, Variant("naive bf16", copy.deepcopy(naive), True, True))
+        variants.append(Variant("ours bf16 NDHWC", copy.deepcopy(ours), False, True, True))
+        stepwise = Variant("ours bf16 step", copy.deepcopy(ours), False, True, batch_steps=False)
+        variants.append(stepwise)
     seconds = {(v.name, stage): [] for v in variants for stage in STAGES}
     print(f"load average before: {load_average()}")
     for variant in variants:  # the first step builds kernels and caches: untimed
@@ -168,12 +213,16 @@ def main() -> None:
 
     medians = {key: statistics.median(values) for key, values in seconds.items()}
     step = {v.name: medians[v.name, "warm-up"] + medians[v.name, "optimisation"] for v in variants}
-    header = f"{'variant':<12} {'warm-up s':>10} {'optim. s':>10} {'step s':>8} {'naive fp32/':>12}"
+    header = f"{'variant':<15} {'warm-up s':>10} {'optim. s':>10} {'step s':>8} {'naive fp32/':>12}"
     print(f"{header}  (median of {args.repeats})")
     for name, total in step.items():
         warm, optim = medians[name, "warm-up"], medians[name, "optimisation"]
         ratio = step["naive fp32"] / total
-        print(f"{name:<12} {warm:>10.3f} {optim:>10.3f} {total:>8.3f} {ratio:>12.2f}")
+        print(f"{name:<15} {warm:>10.4f} {optim:>10.4f} {total:>8.4f} {ratio:>12.2f}")
+    if device.type == "cuda":
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if args.profile:
+        print_profile(next(v for v in variants if v.name == "ours bf16"), batch)
     if device.type == "cuda":
         peer, ours_best = "naive bf16", "ours bf16"
     else:

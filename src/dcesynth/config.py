@@ -148,13 +148,13 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(features=PAPER_FEATURES),
         train=TrainConfig(patch=(96, 96, 48), warmup_steps=3200, optim_steps=3200, val_every=160),
     ),
-    # The paper's model, patch, batch (one case, two patches) and losses on one H100/H200:
-    # a bf16 step at batch 2 takes ~0.12 s in either stage (the free-running rollout runs
-    # the same 4 passes and backpropagates through them), so 2400 steps are ~4.8 min, ~5.5
-    # with validations, checkpoints and start-up: what fits, with installation, tests,
-    # benchmarks, prediction and evaluation, in scripts/gpu-check.sh's 9 minutes. The stages
-    # split evenly (same cost per step; the paper gives no split); 3/8 of the paper's 6400
-    # steps, hence twice its lr. Workers keep patch sampling off the GPU's critical path.
+    # The paper's model, patch, batch (one case, two patches) and losses on one H100/H200.
+    # Measured on an H200 (scripts/gpu-check.sh): 9.1 steps/s with validations, so 2400 steps
+    # are ~4.5 min, what fits with installation, tests, benchmarks, prediction and evaluation
+    # in the script's 9 minutes. The stages split evenly: a bf16 step costs 0.08 s in warm-up
+    # (teacher forcing, the four steps batched) and 0.11 s in optimisation (free-running),
+    # close enough, and the paper gives no split. 3/8 of the paper's 6400 steps, hence twice
+    # its lr. Workers keep patch sampling off the GPU's critical path.
     "gpu": RunConfig(
         preset="gpu",
         model=ModelConfig(features=PAPER_FEATURES),

@@ -1,0 +1,72 @@
+"""The GPU paths: model, training and prediction on CUDA agree with the CPU (skipped without)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dcesynth.config import preset
+from dcesynth.infer import load_run, predict_case
+from dcesynth.model import IterUNet
+from dcesynth.train.trainer import Trainer
+from test_infer import make_case, make_run
+from test_model import SMALL_FEATURES, TARGET_TIMES_S, phases, with_random_output
+from test_train import cohort, tiny  # noqa: F401 (cohort is a fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full fp32 convolutions: with TF32 (cuDNN's default) four steps of a U-Net differ from
+    the CPU by up to 1e-2 (seen on an H200), which would hide real differences."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("teacher_forcing", [False, True])
+def test_rollout_on_cuda_matches_cpu(teacher_forcing):
+    torch.manual_seed(0)
+    model = with_random_output(IterUNet(features=SMALL_FEATURES))
+    pre, first, *real = phases(6)
+    teacher = real if teacher_forcing else None
+    expected = model.rollout(pre, [first], [85.0], TARGET_TIMES_S, teacher=teacher)
+    model.cuda()
+    cuda_teacher = [t.cuda() for t in real] if teacher_forcing else None
+    actual = model.rollout(pre.cuda(), [first.cuda()], [85.0], TARGET_TIMES_S, cuda_teacher)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), e, **TOLERANCE)
+
+
+def test_training_on_cuda_uses_fused_adamw_and_bf16(cohort, tmp_path):  # noqa: F811
+    config = tiny(preset("demo"), amp=None)
+    trainer = Trainer(cohort, tmp_path / "run", config)
+    assert trainer.device.type == "cuda"
+    assert config.train.amp_on(trainer.device.type)
+    losses = []
+    trainer.fit(on_step=lambda step, stage, terms, speed: losses.append(terms["total"]))
+    trainer.close()
+    assert trainer.optimizer.defaults["fused"]
+    assert len(losses) == config.train.total_steps
+    assert all(np.isfinite(losses))
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_prediction_on_cuda_matches_cpu(tmp_path):
+    case = make_case()
+    run_dir = make_run(tmp_path)
+    on_cpu = predict_case(load_run(run_dir, torch.device("cpu")), case, amp=False)
+    run = load_run(run_dir, torch.device("cuda"))
+    on_cuda = predict_case(run, case, amp=False)
+    assert on_cuda.windows_run == on_cpu.windows_run
+    np.testing.assert_allclose(on_cuda.phases, on_cpu.phases, rtol=1e-3, atol=0.05)
+    in_bf16 = predict_case(run, case, amp=True)
+    lesion = case.seg > 0
+    enhancement = case.phases[-1][lesion].mean() - case.phases[0][lesion].mean()
+    for fp32_phase, bf16_phase in zip(on_cuda.phases, in_bf16.phases, strict=True):
+        assert abs(bf16_phase[lesion].mean() - fp32_phase[lesion].mean()) < 0.01 * enhancement
