@@ -24,8 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Every benchmark's figures (README, "Performance"): 15 minutes on this project's 2 cores
-# with a load average of 5-7 from other jobs (the naive training step alone is ~30 s).
+# Every benchmark's figures (README, "Performance"): about 7 minutes on this project's idle
+# 2 cores, most of it the naive training step (~17 s per stage, timed 6 times in each).
 # OpenMP threads that spin while waiting made steps up to 3x slower on a shared machine;
 # passive waiting costs next to nothing on an idle one. Set OMP_WAIT_POLICY to override.
 bench: $(STAMP)
