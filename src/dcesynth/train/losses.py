@@ -60,6 +60,9 @@ def gaussian_filter_valid(x: Tensor, window: int, sigma: float) -> Tensor:
     """
     channels = x.shape[1]
     kernel = gaussian_window(window, sigma, x.device).to(x.dtype)
+    if x.device.type == "cpu":
+        # oneDNN's depthwise convolutions are ~3x faster channels-last (forward + backward).
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     for axis in range(3):
         shape = [1, 1, 1]
         shape[axis] = window
