@@ -7,7 +7,8 @@ predict`` would run (``dcesynth.infer.load_run`` + ``predict_case``), so that it
 that of a prediction alone:
 
 - the whole case at overlap 0.5 (the paper's) and 0.25 (the overlap of the issue's GPU
-  figure): windows in total and windows run (those holding ROI), seconds, peak RSS (CUDA:
+  figure): windows run (those of the grid over the ROI's box that hold ROI voxels), against
+  the windows of that grid and of a grid over the whole volume, seconds, peak RSS (CUDA:
   peak allocated memory too);
 - the lesion: a 96x96x48 crop centred on the largest lesion, predicted in one window; the
   figure is the largest difference over the predicted phases between the bf16 and the fp32
@@ -45,7 +46,7 @@ import torch
 
 from dcesynth.case import Case, load_case, save_case
 from dcesynth.config import PAPER_FEATURES, preset
-from dcesynth.infer import count_windows, load_run, predict_case
+from dcesynth.infer import count_region_windows, count_windows, load_run, predict_case
 from dcesynth.io import atomic_write_json
 from dcesynth.model import IterUNet
 from dcesynth.phantom import PhantomConfig, plan_cohort, simulate_case
@@ -151,7 +152,8 @@ def measure(case_dir: Path, run_dir: Path, bf16: bool, real_windows: int | None)
             "seconds": seconds,
             "extrapolated": model is stand_in,
             "windows_run": prediction.windows_run,
-            "windows_total": count_windows(case.shape, run.config.train.patch, overlap),
+            "windows_box": count_region_windows(case.roi, run.config.train.patch, overlap),
+            "windows_volume": count_windows(case.shape, run.config.train.patch, overlap),
         }
     if cuda:
         result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -188,7 +190,8 @@ def report(results: dict[str, dict], shape: tuple[int, ...]) -> None:
             how = "extrapolated" if figures["extrapolated"] else "measured"
             print(
                 f"{precision} overlap {overlap}: {figures['seconds']:.3f} s ({how}), windows run "
-                f"{figures['windows_run']} of {figures['windows_total']}"
+                f"{figures['windows_run']} of {figures['windows_box']} over the ROI's box "
+                f"({figures['windows_volume']} over the whole volume)"
             )
         cuda = f", CUDA peak {result['cuda_peak_gib']:.2f} GiB" if "cuda_peak_gib" in result else ""
         print(f"{precision}: peak RSS {result['peak_rss_gib']:.2f} GiB{cuda}")

@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 from dcesynth.case import Case, load_case, save_case
 from dcesynth.cli import app
 from dcesynth.config import ModelConfig, RunConfig, TrainConfig
-from dcesynth.infer import count_windows, load_run, predict_case, write_prediction
+from dcesynth.infer import (
+    count_region_windows,
+    count_windows,
+    load_run,
+    predict_case,
+    roi_region,
+    write_prediction,
+)
 from dcesynth.io import InputError, atomic_write_json
 from dcesynth.model import build_model
 from dcesynth.train.checkpoint import save_weights
@@ -97,23 +104,56 @@ def test_predict_twice_gives_identical_files(tmp_path, case_dir):
     assert digest(tmp_path / "p1" / "case_a") == digest(tmp_path / "p2" / "case_a")
 
 
-def test_windows_without_roi_are_not_run(tmp_path, case_dir):
+def test_only_the_roi_box_is_predicted(tmp_path, case_dir):
     case = load_case(case_dir)
     run = load_run(make_run(tmp_path), torch.device("cpu"))
     calls = []
     original = run.model.step
     run.model.step = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
     prediction = predict_case(run, case, overlap=0.5)
-    total = count_windows(case.shape, PATCH, 0.5)
-    assert prediction.windows_run + prediction.windows_skipped == total
-    assert 0 < prediction.windows_run < total
-    assert len(calls) == prediction.windows_run * 4  # four rollout steps per window run
-    # Far from the ROI every window was skipped: the output is the last observed phase.
-    np.testing.assert_allclose(
-        prediction.phases[:, 35, 30, :],
-        np.broadcast_to(case.phases[1, 35, 30, :], (4, 32)),
-        rtol=1e-5,
-    )
+    # ROI x, y 4:14 (10 voxels) grows to one 16-voxel window centred on it; z is one window.
+    assert prediction.region == ((1, 17), (1, 17), (0, 32))
+    assert (prediction.windows_run, prediction.windows_skipped) == (1, 0)
+    assert count_windows(case.shape, PATCH, 0.5) == 16  # a whole-volume grid's windows
+    assert count_region_windows(case.roi, PATCH, 0.5) == 1
+    assert len(calls) == 4  # four rollout steps in the one window run
+    outside = np.ones(case.shape, dtype=bool)
+    outside[1:17, 1:17] = False
+    for phase in prediction.phases:  # outside the box: the last observed phase, exactly
+        np.testing.assert_array_equal(phase[outside], case.phases[1][outside])
+    roi = case.roi > 0
+    assert np.abs(prediction.phases[:, roi] - case.phases[1][roi]).mean() > 1.0
+
+
+def test_windows_of_the_roi_box_without_roi_are_not_run(tmp_path):
+    shape = (64, 16, 32)
+    case = make_case(shape, roi_box=(slice(0, 64), slice(0, 16), slice(0, 32)))
+    case.roi[8:56] = 0  # two ROI slabs, x 0:8 and 56:64, 48 voxels apart
+    run = load_run(make_run(tmp_path), torch.device("cpu"))
+    prediction = predict_case(run, case, overlap=0.5)
+    # Windows start at x = 0, 8, ..., 48; only the first and the last hold ROI voxels.
+    assert prediction.region == ((0, 64), (0, 16), (0, 32))
+    assert (prediction.windows_run, prediction.windows_skipped) == (2, 5)
+    np.testing.assert_array_equal(prediction.phases[:, 24:40], case.phases[1:2, 24:40].repeat(4, 0))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_roi_region_covers_the_roi_with_no_extra_window(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(20, 90, size=3))
+    patch = tuple(int(n) for n in rng.choice([16, 32, 48], size=3))
+    overlap = float(rng.choice([0.0, 0.25, 0.5, 0.75]))
+    low = [int(rng.integers(0, n)) for n in shape]
+    high = [int(rng.integers(lo + 1, n + 1)) for lo, n in zip(low, shape, strict=True)]
+    roi = np.zeros(shape, dtype=np.uint8)
+    roi[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))] = 1
+    region = roi_region(roi, patch, overlap)
+    for (start, stop), lo, hi, size, window in zip(region, low, high, shape, patch, strict=True):
+        assert 0 <= start <= lo and hi <= stop <= size
+        stride = max(1, int(window * (1 - overlap)))
+        assert (start, stop) == (0, size) or (stop - start - window) % stride == 0
+    extents = [hi - lo for lo, hi in zip(low, high, strict=True)]
+    assert count_region_windows(roi, patch, overlap) == count_windows(extents, patch, overlap)
 
 
 def test_more_inputs_predict_only_the_rest(tmp_path, case_dir):

@@ -210,7 +210,7 @@ def predict(
 ) -> None:
     """Synthesize the delayed phases of whole cases, plus a kinetic colour map."""
     from dcesynth.case import load_case
-    from dcesynth.infer import count_windows, load_run, predict_case, write_prediction
+    from dcesynth.infer import count_region_windows, load_run, predict_case, write_prediction
 
     loaded = load_run(run)
     folders = expand_cases(cases)
@@ -218,7 +218,7 @@ def predict(
     with progress_bar() as bar:
         for folder in folders:
             case = load_case(folder)
-            total = count_windows(case.shape, loaded.config.train.patch, overlap)
+            total = count_region_windows(case.roi, loaded.config.train.patch, overlap)
             task = bar.add_task(f"predict {case.case_id}", total=total, status="")
             prediction = predict_case(
                 loaded,

@@ -3,11 +3,12 @@
 MONAI's ``sliding_window_inference`` cuts the TI-normalised case into windows of
 the run's patch size (overlap 0.5, Gaussian blending). Inside each window the
 model rolls out from the last observed phase through every target time, so the
-ConvLSTM state carries across the rollout within the window. Windows that hold
-no breast ROI are not run: their output is the last observed phase (the paper
-evaluates only inside the ROI). Predictions are mapped back to signal units and
-written with the input's affine, with a voxelwise kinetic map of the whole
-synthesized series.
+ConvLSTM state carries across the rollout within the window. Only the breast
+ROI is predicted (the paper evaluates only inside it): the windows tile the
+ROI's bounding box rather than the whole volume, and a window that still holds
+no ROI voxel is not run. Outside what the model ran, the output is the last
+observed phase. Predictions are mapped back to signal units and written with
+the input's affine, with a voxelwise kinetic map of the whole synthesized series.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class Prediction:
         names: their phase names (e.g. ``2dyn``...).
         times_s: the whole protocol's times, observed then predicted.
         n_inputs: number of observed phases (pre included).
-        windows_run: windows the model ran; windows_skipped: windows without ROI.
+        windows_run: windows the model ran; windows_skipped: windows of the ROI's box
+            without ROI voxels, not run.
+        region: ``(start, stop)`` voxel range per axis that the windows tiled.
     """
 
     phases: np.ndarray
@@ -47,6 +50,7 @@ class Prediction:
     n_inputs: int
     windows_run: int
     windows_skipped: int
+    region: tuple[tuple[int, int], ...]
 
 
 @dataclass
@@ -188,8 +192,11 @@ def predict_case(
                 f"1dyn; the protocol asks for {len(model_targets)}"
             )
     norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
-    observed = norm.forward(case.phases[: len(names)])
-    stack = np.concatenate([observed, case.roi[None].astype(np.float32)])
+    patch = run.config.train.patch
+    region = roi_region(case.roi, patch, overlap)
+    box = tuple(slice(start, stop) for start, stop in region)
+    observed = norm.forward(case.phases[(slice(0, len(names)), *box)])
+    stack = np.concatenate([observed, case.roi[box][None].astype(np.float32)])
     volume = torch.from_numpy(stack)[None].to(run.device)
     predictor = WindowPredictor(
         run,
@@ -199,21 +206,60 @@ def predict_case(
         run.config.train.amp_on(run.device.type) if amp is None else amp,
         on_windows,
     )
-    patch = run.config.train.patch
     batch = window_batch or (8 if run.device.type == "cuda" else 1)
     with torch.no_grad():
         output = sliding_window_inference(
             volume, patch, batch, predictor, overlap=overlap, mode="gaussian"
         )
     first = len(names)
+    phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
+    phases[(slice(None), *box)] = norm.inverse(output[0].cpu().numpy())
     return Prediction(
-        phases=norm.inverse(output[0].cpu().numpy()),
+        phases=phases,
         names=phase_names(first + len(targets))[first:],
         times_s=list(case.times_s[:first]) + targets,
         n_inputs=first,
         windows_run=predictor.calls,
         windows_skipped=predictor.skipped,
+        region=region,
     )
+
+
+def roi_region(
+    roi: np.ndarray, patch: Sequence[int], overlap: float
+) -> tuple[tuple[int, int], ...]:
+    """The ``(start, stop)`` range per axis that the sliding windows tile for an ROI.
+
+    On each axis: the ROI's extent, grown to the span of the windows that cover it anyway
+    (``patch + (n - 1) * stride``, so the extra context costs no extra window), centred on
+    the ROI and kept inside the volume; the whole axis where that is shorter than the span
+    (MONAI pads it). An empty ROI gives the whole volume.
+
+    Args:
+        roi: ``(X, Y, Z)`` breast ROI mask.
+        patch: window size ``(x, y, z)``.
+        overlap: sliding-window overlap, as MONAI's (stride ``int(patch * (1 - overlap))``).
+    """
+    inside = np.argwhere(roi > 0)
+    if inside.size == 0:
+        return tuple((0, size) for size in roi.shape)
+    region = []
+    for size, window, low, high in zip(
+        roi.shape, patch, inside.min(axis=0), inside.max(axis=0) + 1, strict=True
+    ):
+        stride = _stride(window, overlap)
+        extent = int(high - low)
+        span = window + int(np.ceil(max(extent - window, 0) / stride)) * stride
+        if span >= size:
+            region.append((0, size))
+            continue
+        start = min(max(int(low) - (span - extent) // 2, 0), size - span)
+        region.append((start, start + span))
+    return tuple(region)
+
+
+def _stride(window: int, overlap: float) -> int:
+    return max(1, int(window * (1 - overlap)))
 
 
 def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
@@ -221,9 +267,14 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
     total = 1
     for size, window in zip(shape, patch, strict=True):
         size = max(size, window)
-        stride = max(1, int(window * (1 - overlap)))
-        total *= int(np.ceil((size - window) / stride)) + 1
+        total *= int(np.ceil((size - window) / _stride(window, overlap))) + 1
     return total
+
+
+def count_region_windows(roi: np.ndarray, patch: Sequence[int], overlap: float) -> int:
+    """Number of sliding windows ``predict_case`` visits for an ROI (see ``roi_region``)."""
+    shape = [stop - start for start, stop in roi_region(roi, patch, overlap)]
+    return count_windows(shape, patch, overlap)
 
 
 def write_prediction(case: Case, prediction: Prediction, out_dir: Path) -> Path:
