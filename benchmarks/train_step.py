@@ -6,11 +6,12 @@ without MedicalNet weights), backward, and an AdamW update. Both stages are time
 (teacher forcing) and optimisation (free-running, enhancement-weighted loss).
 
 Variants: ``naive fp32`` (``benchmarks/naive.py``: per-voxel time projection, contiguous,
-MONAI's dense SSIM, default AdamW) and ``ours bf16`` (autocast); ``ours fp32`` on CUDA or
-with ``--fp32`` (on this project's CPU it adds two minutes). On CUDA also ``naive bf16``,
-``ours bf16 NDHWC`` (channels-last 3-D on the GPU too, which the model does not do by
-default there) and ``ours bf16 step`` (teacher forcing step by step rather than, as is the
-default on CUDA, all steps in one batch); there the patch is the paper's, 96x96x48.
+MONAI's dense SSIM, default AdamW) and ``ours bf16`` (autocast; the phases in the layout
+the trainer feeds, ``phase_memory_format``: on CUDA channels-last in the free-running stage
+only); ``ours fp32`` on CUDA or with ``--fp32`` (on this project's CPU it adds two
+minutes). On CUDA also ``naive bf16``, ``ours bf16 NDHWC`` (channels-last weights and
+phases in both stages) and ``ours bf16 step`` (teacher forcing step by step rather than, as
+is the default on CUDA, all steps in one batch); there the patch is the paper's, 96x96x48.
 Before timing, both models start from the same weights and their fp32 losses must agree to
 ``LOSS_RTOL`` (relative). Timing interleaves the variants (A B C A B C ...) so
 that load from other processes falls on all of them alike; each figure is the median of
@@ -43,7 +44,7 @@ import torch
 
 from dcesynth.model import PAPER_FEATURES, IterUNet
 from dcesynth.train.losses import CombinedLoss, LossWeights, enhancement_weight
-from dcesynth.train.trainer import make_adamw
+from dcesynth.train.trainer import make_adamw, phase_memory_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive import NaiveIterUNet, copy_weights, naive_loss  # noqa: E402
@@ -92,7 +93,12 @@ def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) ->
 def rollout(variant: Variant, batch: dict, teacher_forcing: bool) -> list[torch.Tensor]:
     phases, times = batch["phases"], batch["times_s"]
     if variant.channels_last:
-        phases = [p.contiguous(memory_format=torch.channels_last_3d) for p in phases]
+        layout = torch.channels_last_3d
+    elif variant.naive:
+        layout = torch.contiguous_format
+    else:  # as the trainer feeds them
+        layout = phase_memory_format(phases[0].device.type, teacher_forcing)
+    phases = [p.contiguous(memory_format=layout) for p in phases]
     teacher = phases[2:] if teacher_forcing else None
     device_type = phases[0].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.bf16):

@@ -7,7 +7,7 @@ import torch
 from dcesynth.config import preset
 from dcesynth.infer import load_run, predict_case
 from dcesynth.model import IterUNet
-from dcesynth.train.trainer import Trainer
+from dcesynth.train.trainer import Trainer, phase_memory_format
 from test_infer import make_case, make_run
 from test_model import SMALL_FEATURES, TARGET_TIMES_S, phases, with_random_output
 from test_train import cohort, tiny  # noqa: F401 (cohort is a fixture)
@@ -41,6 +41,23 @@ def test_rollout_on_cuda_matches_cpu(teacher_forcing):
     for a, e in zip(actual, expected, strict=True):
         assert a.is_cuda
         torch.testing.assert_close(a.cpu(), e, **TOLERANCE)
+
+
+def test_channels_last_rollout_with_gradients_matches_cpu():
+    """The free-running stage's layout on CUDA (`phase_memory_format`): same outputs and
+    weight gradients as the CPU."""
+    assert phase_memory_format("cuda", teacher_forcing=False) == torch.channels_last_3d
+    torch.manual_seed(0)
+    model = with_random_output(IterUNet(features=SMALL_FEATURES))
+    pre, first, *_ = phases(6)
+    grads = []
+    for device, layout in (("cpu", torch.contiguous_format), ("cuda", torch.channels_last_3d)):
+        model.to(device).zero_grad()
+        inputs = [x.to(device).contiguous(memory_format=layout) for x in (pre, first)]
+        predictions = model.rollout(inputs[0], [inputs[1]], [85.0], TARGET_TIMES_S)
+        torch.stack(predictions).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * grads[0].abs().max())
 
 
 def test_training_on_cuda_uses_fused_adamw_and_bf16(cohort, tmp_path):  # noqa: F811

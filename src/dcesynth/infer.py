@@ -240,20 +240,21 @@ def roi_region(
         patch: window size ``(x, y, z)``.
         overlap: sliding-window overlap, as MONAI's (stride ``int(patch * (1 - overlap))``).
     """
-    inside = np.argwhere(roi > 0)
-    if inside.size == 0:
+    mask = roi > 0
+    if not mask.any():
         return tuple((0, size) for size in roi.shape)
     region = []
-    for size, window, low, high in zip(
-        roi.shape, patch, inside.min(axis=0), inside.max(axis=0) + 1, strict=True
-    ):
+    for axis, (size, window) in enumerate(zip(roi.shape, patch, strict=True)):
+        others = tuple(other for other in range(roi.ndim) if other != axis)
+        occupied = np.flatnonzero(mask.any(axis=others))
+        low, high = int(occupied[0]), int(occupied[-1]) + 1
         stride = _stride(window, overlap)
-        extent = int(high - low)
+        extent = high - low
         span = window + int(np.ceil(max(extent - window, 0) / stride)) * stride
         if span >= size:
             region.append((0, size))
             continue
-        start = min(max(int(low) - (span - extent) // 2, 0), size - span)
+        start = min(max(low - (span - extent) // 2, 0), size - span)
         region.append((start, start + span))
     return tuple(region)
 

@@ -136,6 +136,19 @@ def make_adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def phase_memory_format(device_type: str, teacher_forcing: bool) -> torch.memory_format:
+    """Memory format of the phases fed to the model in a training step.
+
+    On CUDA the free-running stage runs channels-last (NDHWC), without cuDNN's
+    NCDHW<->NDHWC transposes: 12 % faster on an H200, where the batched teacher-forced
+    stage was 17 % slower so and stays in the default layout. On CPU the U-Net turns its
+    input channels-last itself, whatever it is given.
+    """
+    if device_type == "cuda" and not teacher_forcing:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def make_optimizer(model: torch.nn.Module, config: RunConfig, stage: Stage):
     """AdamW with cosine decay over the stage."""
     optimizer = make_adamw(model.parameters(), config.train.lr, config.train.weight_decay)
@@ -268,8 +281,10 @@ class Trainer:
         """One optimiser step on a batch of patches (B, T, X, Y, Z)."""
         phases = batch["phases"].to(self.device, non_blocking=True)
         times = batch["times_s"].to(self.device)
-        phases = phases.unsqueeze(2)  # (B, T, 1, X, Y, Z)
-        targets = list(phases[:, 2:].unbind(1))
+        layout = phase_memory_format(self.device.type, stage.teacher_forcing)
+        # T phases, each (B, 1, X, Y, Z)
+        phases = [p[:, None].contiguous(memory_format=layout) for p in phases.unbind(1)]
+        targets = phases[2:]
         target_times = list(times[:, 2:].unbind(1))
         with torch.autocast(
             self.device.type,
@@ -277,13 +292,13 @@ class Trainer:
             enabled=self.config.train.amp_on(self.device.type),
         ):
             preds = self.net(
-                phases[:, 0],
-                [phases[:, 1]],
+                phases[0],
+                [phases[1]],
                 [times[:, 1]],
                 target_times,
                 teacher=targets if stage.teacher_forcing else None,
             )
-        weight = enhancement_weight(phases[:, 1], phases[:, -1]) if stage.enhancement_mask else None
+        weight = enhancement_weight(phases[1], phases[-1]) if stage.enhancement_mask else None
         total, terms = self.loss(preds, targets, weight)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
