@@ -140,9 +140,9 @@ def phase_memory_format(device_type: str, teacher_forcing: bool) -> torch.memory
     """Memory format of the phases fed to the model in a training step.
 
     On CUDA the free-running stage runs channels-last (NDHWC), without cuDNN's
-    NCDHW<->NDHWC transposes: 12 % faster on an H200, where the batched teacher-forced
-    stage was 17 % slower so and stays in the default layout. On CPU the U-Net turns its
-    input channels-last itself, whatever it is given.
+    NCDHW<->NDHWC transposes: 12 % faster on an H200. The batched teacher-forced stage
+    was 17 % slower in NDHWC there, so it stays in the default layout. On CPU the U-Net
+    turns its input channels-last itself, whatever it is given.
     """
     if device_type == "cuda" and not teacher_forcing:
         return torch.channels_last_3d
