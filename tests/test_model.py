@@ -1,5 +1,7 @@
 """Tests for dcesynth.model: iterU-Net, the per-phase baseline and their blocks."""
 
+import copy
+
 import pytest
 import torch
 
@@ -325,18 +327,19 @@ def test_channels_last_3d_matches_contiguous():
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_channels_last_instance_norm_equals_instance_norm(affine):
+@pytest.mark.parametrize("channels", [5, 32])  # rows of 32 voxels; rows of one voxel
+def test_channels_last_instance_norm_equals_instance_norm(affine, channels):
     """Values, layout and gradients (input, weight, bias) of the per-sample channels-last norm
     equal torch's instance norm on the contiguous tensor."""
     torch.manual_seed(0)
-    reference = torch.nn.InstanceNorm3d(5, affine=affine)
+    reference = torch.nn.InstanceNorm3d(channels, affine=affine)
     if affine:
         torch.nn.init.normal_(reference.weight)
         torch.nn.init.normal_(reference.bias)
-    norm = ChannelsLastInstanceNorm3d(5, affine=affine)
+    norm = ChannelsLastInstanceNorm3d(channels, affine=affine)
     norm.load_state_dict(reference.state_dict())
-    x = torch.randn(3, 5, 8, 6, 4) * 3 + 1
-    upstream = torch.randn(3, 5, 8, 6, 4)
+    x = torch.randn(3, channels, 8, 6, 4) * 3 + 1
+    upstream = torch.randn(3, channels, 8, 6, 4)
 
     def run(module, data):
         data = data.detach().requires_grad_()
@@ -352,3 +355,37 @@ def test_channels_last_instance_norm_equals_instance_norm(affine):
     assert len(actual_grads) == len(expected_grads) == (3 if affine else 1)
     for a, e in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_instance_norm_bf16_is_as_close_as_torch():
+    """bf16 input, 28 channels (the paper's level 0: pooled column statistics): output and
+    input gradient are within one bf16 step (2**-7 of the largest value) of a float64
+    instance norm, as torch's own bf16 instance norm is; weight and bias gradients are
+    within 1e-3."""
+    torch.manual_seed(0)
+    shape = (2, 28, 16, 16, 8)
+    reference = torch.nn.InstanceNorm3d(28, affine=True)
+    torch.nn.init.normal_(reference.weight)
+    torch.nn.init.normal_(reference.bias)
+    norm = ChannelsLastInstanceNorm3d(28, affine=True)
+    norm.load_state_dict(reference.state_dict())
+    x = (torch.randn(shape) * 0.5 + 3).to(torch.bfloat16)
+    upstream = torch.randn(shape).to(torch.bfloat16)
+
+    def run(module, data):
+        data = data.detach().requires_grad_()
+        out = module(data)
+        out.backward(upstream.to(out.dtype))
+        return [t.double() for t in (out, data.grad, module.weight.grad, module.bias.grad)]
+
+    actual = run(norm, x.contiguous(memory_format=torch.channels_last_3d))
+    torch_bf16 = run(copy.deepcopy(reference), x)
+    exact = run(reference.double(), x.double())
+    for name, a, t, e in zip(
+        ("output", "input gradient"), actual[:2], torch_bf16[:2], exact[:2], strict=True
+    ):
+        bf16_step = e.abs().max().item() * 2**-7
+        assert (t - e).abs().max().item() <= bf16_step  # the bound holds for torch
+        assert (a - e).abs().max().item() <= bf16_step, name
+    for a, e in zip(actual[2:], exact[2:], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3)
