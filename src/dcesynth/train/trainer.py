@@ -18,10 +18,12 @@ files.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
+import platform
 import signal
 import threading
 import time
@@ -105,6 +107,29 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_host_memory() -> bool:
+    """Let this process reuse the memory its tensors free, rather than give it back (glibc).
+
+    By default glibc serves large blocks with fresh mappings and trims the heap as they are
+    freed, so every training step faults in and zero-fills new pages for its activations
+    (about 0.4 s of system time per step of the paper's model on this project's 2-core CPU,
+    3-5 % of the step).
+    With mmap and trimming off, freed blocks stay in the heap for the next step, as with
+    the jemalloc or tcmalloc preloads PyTorch's CPU tuning guide recommends; the heap stays
+    at its peak size. Process-wide: the Trainer calls it when it trains on CPU.
+
+    Returns:
+        True if applied (Linux with glibc), False otherwise.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def init_distributed(world: int, device: torch.device) -> bool:
     """Join the process group described by torchrun's environment (``env://``).
 
@@ -174,6 +199,8 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.device = select_device()
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.owns_process_group = init_distributed(self.world, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
