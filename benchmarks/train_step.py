@@ -13,11 +13,15 @@ minutes). On CUDA also ``naive bf16``, ``ours bf16 NDHWC`` (channels-last weight
 phases in both stages) and ``ours bf16 step`` (teacher forcing step by step rather than, as
 is the default on CUDA, all steps in one batch); there the patch is the paper's, 96x96x48.
 Before timing, both models start from the same weights and their fp32 losses must agree to
-``LOSS_RTOL`` (relative). Timing interleaves the variants (A B C A B C ...) so
-that load from other processes falls on all of them alike; each figure is the median of
-``--repeats`` steps, after one untimed step per variant. The load average is printed before
-and after. On a shared CPU run it with ``OMP_WAIT_POLICY=PASSIVE`` (``make bench`` does):
-OpenMP threads that spin while they wait for a busy core made steps up to 3x slower.
+``LOSS_RTOL`` (relative). Each variant then runs in a process of its own, as each program
+would: ours as the trainer runs it (on CPU with ``keep_freed_host_memory``), the naive one
+with glibc's defaults, as the reference code runs. Timing interleaves the variants
+(A B C A B C ...), one process stepping at a time, so that load from other processes falls
+on all of them alike; each figure is the median of ``--repeats`` steps, after one untimed
+step per variant, and ``sys s`` is the median system (kernel) time of a step, mostly page
+faults. The load average is printed before and after. On a shared CPU run it with
+``OMP_WAIT_POLICY=PASSIVE`` (``make bench`` does): OpenMP threads that spin while they
+wait for a busy core made steps up to 3x slower.
 
 The last line, ``speedup_vs_naive``, is the naive fp32 step (warm-up + optimisation) over
 our faster variant's step on CPU; on CUDA it compares bf16 with bf16.
@@ -32,8 +36,9 @@ Usage: ``python benchmarks/train_step.py [--quick] [--repeats 5] [--patch X Y Z]
 from __future__ import annotations
 
 import argparse
-import copy
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -44,7 +49,7 @@ import torch
 
 from dcesynth.model import PAPER_FEATURES, IterUNet
 from dcesynth.train.losses import CombinedLoss, LossWeights, enhancement_weight
-from dcesynth.train.trainer import make_adamw, phase_memory_format
+from dcesynth.train.trainer import keep_freed_host_memory, make_adamw, phase_memory_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive import NaiveIterUNet, copy_weights, naive_loss  # noqa: E402
@@ -55,25 +60,38 @@ QUICK_FEATURES = (8, 8, 16, 32, 64, 8)
 STAGES = ("warm-up", "optimisation")
 
 
-@dataclass
-class Variant:
-    """One way of running the step: a model, its optimiser, its loss and its precision."""
+@dataclass(frozen=True)
+class Spec:
+    """One way of running the step: which model, in which precision and layout."""
 
     name: str
-    model: torch.nn.Module
     naive: bool
     bf16: bool
     channels_last: bool = False
     batch_steps: bool | None = None
 
-    def __post_init__(self) -> None:
+
+class Variant:
+    """A `Spec` made real: its model, optimiser and loss."""
+
+    def __init__(self, spec: Spec, model: torch.nn.Module):
+        self.name, self.naive, self.bf16 = spec.name, spec.naive, spec.bf16
+        self.channels_last, self.batch_steps = spec.channels_last, spec.batch_steps
+        self.model = model
         if self.naive:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-3)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
         else:
-            self.optimizer = make_adamw(self.model.parameters(), lr=1e-4, weight_decay=1e-3)
+            self.optimizer = make_adamw(model.parameters(), lr=1e-4, weight_decay=1e-3)
         self.loss = naive_loss if self.naive else CombinedLoss(LossWeights(), None)
         if self.channels_last:
-            self.model.to(memory_format=torch.channels_last_3d)
+            model.to(memory_format=torch.channels_last_3d)
+
+
+def build_models(features: tuple[int, ...], device: torch.device) -> tuple[IterUNet, NaiveIterUNet]:
+    """Ours and the naive model, with the same weights (seed 0)."""
+    torch.manual_seed(0)
+    ours = IterUNet(features=features).to(device)
+    return ours, copy_weights(ours, NaiveIterUNet(features)).to(device)
 
 
 def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) -> dict:
@@ -118,25 +136,70 @@ def loss_of(variant: Variant, batch: dict, stage: str) -> torch.Tensor:
     return loss if variant.naive else loss[0]
 
 
-def train_step(variant: Variant, batch: dict, stage: str) -> float:
-    """One optimiser step; returns its wall time in seconds."""
+def train_step(variant: Variant, batch: dict, stage: str) -> tuple[float, float]:
+    """One optimiser step; returns its wall time and this process's system time, seconds."""
     synchronize = torch.cuda.synchronize if batch["phases"][0].is_cuda else (lambda: None)
     synchronize()
-    start = time.perf_counter()
+    start, start_sys = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     loss = loss_of(variant, batch, stage)
     variant.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     variant.optimizer.step()
     synchronize()
-    return time.perf_counter() - start
+    end_sys = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    return time.perf_counter() - start, end_sys - start_sys
+
+
+def serve(spec: Spec, features: tuple, patch: tuple, batch_size: int, device: str, conn) -> None:
+    """Worker process of one variant: answers ``("step", stage)`` with `train_step`'s times,
+    ``("profile", None)`` by printing `print_profile`, and None (the end) with its peak CUDA
+    memory in bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the Trainer does
+    elif not spec.naive:
+        keep_freed_host_memory()  # as the Trainer does
+    ours, naive = build_models(features, device)
+    variant = Variant(spec, naive if spec.naive else ours)
+    batch = make_batch(batch_size, patch, device)
+    while (request := conn.recv()) is not None:
+        kind, stage = request
+        if kind == "step":
+            conn.send(train_step(variant, batch, stage))
+        else:
+            print_profile(variant, batch)
+            conn.send(None)
+    conn.send(torch.cuda.max_memory_allocated() if device.type == "cuda" else 0)
+
+
+class Worker:
+    """A `serve` process and the end of its pipe."""
+
+    def __init__(self, spec: Spec, *args) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.spec, (self.conn, child) = spec, context.Pipe()
+        self.process = context.Process(target=serve, args=(spec, *args, child), daemon=True)
+        self.process.start()
+
+    def ask(self, kind: str, stage: str | None = None):
+        self.conn.send((kind, stage))
+        return self.conn.recv()
+
+    def close(self) -> int:
+        """End the process; returns its peak CUDA memory in bytes."""
+        self.conn.send(None)
+        peak = self.conn.recv()
+        self.process.join()
+        return peak
 
 
 def check_same_loss(ours: IterUNet, naive: NaiveIterUNet, batch: dict) -> None:
     """Both fp32 models, same weights: the losses of both stages agree to LOSS_RTOL."""
     for stage in STAGES:
         with torch.no_grad():
-            ours_loss = loss_of(Variant("ours", ours, False, False), batch, stage).item()
-            naive_loss_value = loss_of(Variant("naive", naive, True, False), batch, stage).item()
+            ours_loss = loss_of(Variant(Spec("ours", False, False), ours), batch, stage).item()
+            naive_loss_value = loss_of(Variant(Spec("naive", True, False), naive), batch, stage)
+            naive_loss_value = naive_loss_value.item()
         difference = abs(ours_loss - naive_loss_value) / abs(naive_loss_value)
         print(
             f"same weights, {stage} loss: ours {ours_loss:.6f} naive {naive_loss_value:.6f} "
@@ -187,47 +250,62 @@ def main() -> None:
     else:
         patch = (96, 96, 48) if device.type == "cuda" else (64, 64, 32)
     batch = make_batch(args.batch, patch, device)
-    torch.manual_seed(0)
-    ours = IterUNet(features=features).to(device)
-    naive = copy_weights(ours, NaiveIterUNet(features)).to(device)
+    ours, naive = build_models(features, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU"
     print(
         f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; features "
         f"{features}, patch {patch}, batch {args.batch}, {len(TIMES_S) - 2} rollout steps"
     )
     check_same_loss(ours, naive, batch)
+    del ours, naive, batch
 
-    variants = [Variant("naive fp32", naive, True, False)]
+    specs = [Spec("naive fp32", True, False)]
     if args.fp32 or device.type == "cuda":
-        variants.append(Variant("ours fp32", copy.deepcopy(ours), False, False))
-    variants.append(Variant("ours bf16", copy.deepcopy(ours), False, True))
+        specs.append(Spec("ours fp32", False, False))
+    specs.append(Spec("ours bf16", False, True))
     if device.type == "cuda":
-        variants.insert(1, Variant("naive bf16", copy.deepcopy(naive), True, True))
-        variants.append(Variant("ours bf16 NDHWC", copy.deepcopy(ours), False, True, True))
-        stepwise = Variant("ours bf16 step", copy.deepcopy(ours), False, True, batch_steps=False)
-        variants.append(stepwise)
-    seconds = {(v.name, stage): [] for v in variants for stage in STAGES}
+        specs.insert(1, Spec("naive bf16", True, True))
+        specs.append(Spec("ours bf16 NDHWC", False, True, channels_last=True))
+        specs.append(Spec("ours bf16 step", False, True, batch_steps=False))
+    workers = [Worker(spec, features, patch, args.batch, device.type) for spec in specs]
+    times = {(spec.name, stage): [] for spec in specs for stage in STAGES}
     print(f"load average before: {load_average()}")
-    for variant in variants:  # the first step builds kernels and caches: untimed
-        train_step(variant, batch, STAGES[0])
+    for worker in workers:  # the first step builds kernels and caches: untimed
+        worker.ask("step", STAGES[0])
     for stage in STAGES:
         for _ in range(args.repeats):
-            for variant in variants:
-                seconds[variant.name, stage].append(train_step(variant, batch, stage))
+            for worker in workers:
+                times[worker.spec.name, stage].append(worker.ask("step", stage))
     print(f"load average after: {load_average()}")
 
-    medians = {key: statistics.median(values) for key, values in seconds.items()}
-    step = {v.name: medians[v.name, "warm-up"] + medians[v.name, "optimisation"] for v in variants}
-    header = f"{'variant':<15} {'warm-up s':>10} {'optim. s':>10} {'step s':>8} {'naive fp32/':>12}"
+    medians = {
+        key: [statistics.median(column) for column in zip(*values, strict=True)]
+        for key, values in times.items()
+    }
+    step = {
+        s.name: medians[s.name, "warm-up"][0] + medians[s.name, "optimisation"][0] for s in specs
+    }
+    header = (
+        f"{'variant':<15} {'warm-up s':>10} {'optim. s':>10} {'step s':>8} {'sys s':>6} "
+        f"{'naive fp32/':>12}"
+    )
     print(f"{header}  (median of {args.repeats})")
     for name, total in step.items():
-        warm, optim = medians[name, "warm-up"], medians[name, "optimisation"]
+        (warm, warm_sys), (optim, optim_sys) = (
+            medians[name, "warm-up"],
+            medians[name, "optimisation"],
+        )
         ratio = step["naive fp32"] / total
-        print(f"{name:<15} {warm:>10.4f} {optim:>10.4f} {total:>8.4f} {ratio:>12.2f}")
-    if device.type == "cuda":
-        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(
+            f"{name:<15} {warm:>10.4f} {optim:>10.4f} {total:>8.4f} {warm_sys + optim_sys:>6.2f} "
+            f"{ratio:>12.2f}"
+        )
     if args.profile:
-        print_profile(next(v for v in variants if v.name == "ours bf16"), batch)
+        next(w for w in workers if w.spec.name == "ours bf16").ask("profile")
+    peaks = {worker.spec.name: worker.close() for worker in workers}
+    if device.type == "cuda":
+        for name, peak in peaks.items():
+            print(f"peak CUDA memory, {name}: {peak / 2**30:.2f} GiB")
     if device.type == "cuda":
         peer, ours_best = "naive bf16", "ours bf16"
     else:
