@@ -11,7 +11,7 @@ the trainer feeds, ``phase_memory_format``: on CUDA channels-last in the free-ru
 only); ``ours fp32`` on CUDA or with ``--fp32`` (on this project's CPU it adds two
 minutes). On CUDA also ``naive bf16``, ``ours bf16 NDHWC`` (channels-last weights and
 phases in both stages) and ``ours bf16 step`` (teacher forcing step by step rather than, as
-is the default on CUDA, all steps in one batch); there the patch is the paper's, 96x96x48.
+is the default, all steps in one batch); there the patch is the paper's, 96x96x48.
 Before timing, both models start from the same weights and their fp32 losses must agree to
 ``LOSS_RTOL`` (relative). Each variant then runs in a process of its own, as each program
 would: ours as the trainer runs it (on CPU with ``keep_freed_host_memory``), the naive one
@@ -68,7 +68,7 @@ class Spec:
     naive: bool
     bf16: bool
     channels_last: bool = False
-    batch_steps: bool | None = None
+    batch_steps: bool = True
 
 
 class Variant:

@@ -144,29 +144,35 @@ def test_baseline_checkpoint_holds_one_unet_per_target_phase(cohort, tmp_path):
 
 
 def test_warmup_feeds_real_phases_and_optimisation_feeds_own_outputs(cohort, tmp_path, monkeypatch):
-    calls = []
-    original_step = IterUNet.step
+    teacher_forced, stepped = [], []  # validation rollouts run in eval mode: not recorded
+    original_step, original_teacher_forced = IterUNet.step, IterUNet._teacher_forced
 
-    def spy(self, pre, current, *args, **kwargs):
+    def spy_step(self, pre, current, *args, **kwargs):
         prediction, state = original_step(self, pre, current, *args, **kwargs)
-        if self.training:  # validation rollouts run in eval mode
-            calls.append((current, prediction))
+        if self.training:
+            stepped.append((current, prediction))
         return prediction, state
 
-    monkeypatch.setattr(IterUNet, "step", spy)
+    def spy_teacher_forced(self, pre, inputs, *args, **kwargs):
+        if self.training:
+            teacher_forced.append(list(inputs))
+        return original_teacher_forced(self, pre, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(IterUNet, "step", spy_step)
+    monkeypatch.setattr(IterUNet, "_teacher_forced", spy_teacher_forced)
     trainer = Trainer(cohort, tmp_path, tiny(preset("demo"), warmup_steps=1, optim_steps=1))
     trainer.fit()
-    warmup, optimisation = calls[:4], calls[4:]
-    assert len(optimisation) == 4
+    (warmup,) = teacher_forced  # the warm-up step runs its four steps as one batch
+    assert len(warmup) == 4 and len(stepped) == 4
 
     real = trainer.batches[0]["phases"].unsqueeze(2)
-    for k, (current, _) in enumerate(warmup):
+    for k, current in enumerate(warmup):
         assert torch.equal(current, real[:, k + 1])
 
     real = trainer.batches[1]["phases"].unsqueeze(2)
-    assert torch.equal(optimisation[0][0], real[:, 1])
+    assert torch.equal(stepped[0][0], real[:, 1])
     for k in range(1, 4):
-        current, previous_prediction = optimisation[k][0], optimisation[k - 1][1]
+        current, previous_prediction = stepped[k][0], stepped[k - 1][1]
         assert current is previous_prediction
         assert not torch.allclose(current, real[:, k + 1], atol=1e-3)
 

@@ -148,7 +148,7 @@ class IterUNet(nn.Module):
         observed_times_s: Sequence[Times],
         target_times_s: Sequence[Times],
         teacher: Sequence[torch.Tensor] | None = None,
-        batch_steps: bool | None = None,
+        batch_steps: bool = True,
     ) -> list[torch.Tensor]:
         """Predict every target phase in order, starting from the last observed phase.
 
@@ -166,9 +166,9 @@ class IterUNet(nn.Module):
             target_times_s: times of the phases to predict, in order, seconds.
             teacher: real target phases, one per target; `teacher[k]` is the input of the
                 step to target `k + 1` (so the last one is never fed).
-            batch_steps: with `teacher`, run all steps as one batch; None = on CUDA only,
-                where the larger batch keeps the GPU busier (on CPU, measured slower: the
-                larger working set costs more than the calls it saves).
+            batch_steps: with `teacher`, run all steps as one batch (faster: on an H200
+                0.078 s against 0.111 s a warm-up step of the paper's model, on a 2-core CPU
+                3-5 %); False runs them one by one.
 
         Returns:
             One `(B, 1, X, Y, Z)` prediction per target time.
@@ -180,8 +180,6 @@ class IterUNet(nn.Module):
                 _check_phase(f"observed[{index}]", phase, pre)
                 _, state = self.unet.first_level(torch.cat([pre, phase], dim=1), state)
         current, current_time_s = observed[-1], observed_times_s[-1]
-        if batch_steps is None:
-            batch_steps = pre.device.type == "cuda"
         if teacher is not None and batch_steps and len(target_times_s) > 1:
             inputs = [current, *teacher[:-1]]
             input_times_s = [current_time_s, *target_times_s[:-1]]
@@ -201,7 +199,7 @@ class IterUNet(nn.Module):
         observed_times_s: Sequence[Times],
         target_times_s: Sequence[Times],
         teacher: Sequence[torch.Tensor] | None = None,
-        batch_steps: bool | None = None,
+        batch_steps: bool = True,
     ) -> list[torch.Tensor]:
         """Same as `rollout`."""
         return self.rollout(pre, observed, observed_times_s, target_times_s, teacher, batch_steps)
