@@ -256,22 +256,23 @@ def test_two_gloo_ranks_keep_identical_weights_and_only_rank_0_writes(cohort, tm
 
 
 REALLOCATION_SCRIPT = """
-import resource, sys, torch
+import resource, statistics, sys, torch
 from dcesynth.train.trainer import keep_freed_host_memory
 applied = keep_freed_host_memory() if sys.argv[1] == "keep" else None
-for _ in range(2):  # 64 MiB: allocated, written and freed (glibc settles in two)
+faults = []
+for _ in range(10):  # 64 MiB: allocated, written and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(2**24)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    torch.ones(2**24)
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, statistics.median(faults))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
 def test_keep_freed_host_memory_reuses_freed_pages():
-    """After it, a freed 64 MiB tensor's pages serve the next ones: no page faults, where
-    glibc's defaults fault all 16384 pages in again for each of 5 allocations."""
+    """After it, a freed 64 MiB tensor's pages serve the next ones: the median allocation of
+    ten faults no page in, where with glibc's defaults each faults in all 16384 again (the
+    first allocations settle the heap either way, hence the median)."""
     faults = {}
     for mode in ("keep", "default"):
         result = subprocess.run(
@@ -280,5 +281,5 @@ def test_keep_freed_host_memory_reuses_freed_pages():
         )  # fmt: skip
         applied, faults[mode] = result.stdout.split()
         assert applied == {"keep": "True", "default": "None"}[mode]
-    assert int(faults["default"]) >= 5 * 16384 * 0.9
-    assert int(faults["keep"]) < 1000
+    assert float(faults["default"]) >= 16384
+    assert float(faults["keep"]) < 100
