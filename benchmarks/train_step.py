@@ -75,15 +75,13 @@ class Variant:
     """A `Spec` made real: its model, optimiser and loss."""
 
     def __init__(self, spec: Spec, model: torch.nn.Module):
-        self.name, self.naive, self.bf16 = spec.name, spec.naive, spec.bf16
-        self.channels_last, self.batch_steps = spec.channels_last, spec.batch_steps
-        self.model = model
-        if self.naive:
+        self.spec, self.model = spec, model
+        if spec.naive:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
         else:
             self.optimizer = make_adamw(model.parameters(), lr=1e-4, weight_decay=1e-3)
-        self.loss = naive_loss if self.naive else CombinedLoss(LossWeights(), None)
-        if self.channels_last:
+        self.loss = naive_loss if spec.naive else CombinedLoss(LossWeights(), None)
+        if spec.channels_last:
             model.to(memory_format=torch.channels_last_3d)
 
 
@@ -110,20 +108,20 @@ def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) ->
 
 def rollout(variant: Variant, batch: dict, teacher_forcing: bool) -> list[torch.Tensor]:
     phases, times = batch["phases"], batch["times_s"]
-    if variant.channels_last:
+    if variant.spec.channels_last:
         layout = torch.channels_last_3d
-    elif variant.naive:
+    elif variant.spec.naive:
         layout = torch.contiguous_format
     else:  # as the trainer feeds them
         layout = phase_memory_format(phases[0].device.type, teacher_forcing)
     phases = [p.contiguous(memory_format=layout) for p in phases]
     teacher = phases[2:] if teacher_forcing else None
     device_type = phases[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.bf16):
-        if variant.naive:
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.spec.bf16):
+        if variant.spec.naive:
             return variant.model.rollout(phases[0], phases[1], times[1], times[2:], teacher)
         return variant.model(
-            phases[0], [phases[1]], [times[1]], times[2:], teacher, variant.batch_steps
+            phases[0], [phases[1]], [times[1]], times[2:], teacher, variant.spec.batch_steps
         )
 
 
@@ -133,7 +131,7 @@ def loss_of(variant: Variant, batch: dict, stage: str) -> torch.Tensor:
     phases = batch["phases"]
     weight = enhancement_weight(phases[1], phases[-1]) if optimisation else None
     loss = variant.loss(preds, phases[2:], weight)
-    return loss if variant.naive else loss[0]
+    return loss if variant.spec.naive else loss[0]
 
 
 def train_step(variant: Variant, batch: dict, stage: str) -> tuple[float, float]:
@@ -219,7 +217,7 @@ def print_profile(variant: Variant, batch: dict) -> None:
     for stage in STAGES:
         with profile(activities=activities) as profiler:
             train_step(variant, batch, stage)
-        print(f"profile of one {variant.name} step, {stage}:")
+        print(f"profile of one {variant.spec.name} step, {stage}:")
         table = profiler.key_averages().table(
             sort_by=sort_by, row_limit=20, max_name_column_width=60
         )
