@@ -116,10 +116,10 @@ def keep_freed_host_memory() -> bool:
     By default glibc serves large blocks with fresh mappings and trims the heap as they are
     freed, so every training step faults in and zero-fills new pages for its activations
     (about 0.4 s of system time per step of the paper's model on this project's 2-core CPU,
-    3-5 % of the step).
-    With mmap and trimming off, freed blocks stay in the heap for the next step, as with
-    the jemalloc or tcmalloc preloads PyTorch's CPU tuning guide recommends; the heap stays
-    at its peak size. Process-wide: the Trainer calls it when it trains on CPU.
+    3-5 % of the step). With mmap and trimming off, freed blocks stay in the heap for the
+    next step, as with the jemalloc or tcmalloc preloads PyTorch's CPU tuning guide
+    recommends; the heap stays at its peak size. Process-wide: the Trainer calls it when it
+    trains on CPU.
 
     Returns:
         True if applied (Linux with glibc), False otherwise.
