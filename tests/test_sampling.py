@@ -10,6 +10,7 @@ from dcesynth.data.sampling import (
     PatchBatches,
     PreparedCase,
     augmentation,
+    crop,
     prepare_case,
     validation_patches,
 )
@@ -86,8 +87,8 @@ def test_first_patch_of_each_case_is_centred_in_a_lesion_second_in_the_roi():
 
 
 def test_augmentation_moves_all_phases_together():
-    # Noise is drawn per phase by design; every other transform must act on all phases alike.
-    spatial = transforms.Compose(augmentation(PATCH).transforms[1:])
+    # Noise is drawn per phase by design; the spatial transforms must act on all phases alike.
+    spatial = augmentation(PATCH).spatial
     volume = np.random.default_rng(0).standard_normal(PATCH).astype(np.float32)
     identical_phases = np.stack([volume] * 4)
     changed = 0
@@ -99,6 +100,31 @@ def test_augmentation_moves_all_phases_together():
             np.testing.assert_array_equal(phase, out[0])
         changed += not np.array_equal(out[0], volume)
     assert changed >= 6
+
+
+def test_augmentation_keeps_the_lesion_mask_on_its_voxels():
+    case = coordinate_case([((20, 24), (20, 28), (14, 18))])
+    augment = augmentation(PATCH)
+    augment.intensity = transforms.Compose([])
+    start = np.array([14, 14, 8])
+    phases, lesion = crop(case.phases, start, PATCH), crop(case.lesion_mask, start, PATCH)
+    moved = 0
+    for seed in range(12):
+        out, mask = augment(phases, lesion, seed)
+        # Each voxel's phases hold the volume coordinates it came from.
+        origin = tuple(np.rint(out).astype(int))
+        np.testing.assert_array_equal(mask, case.lesion_mask[origin])
+        moved += not np.array_equal(mask, lesion)
+    assert moved >= 6
+
+
+def test_batch_holds_the_lesion_mask_of_each_patch():
+    case = coordinate_case([((20, 24), (20, 24), (14, 18))])
+    batch = PatchBatches([case], PATCH, 1, 4, seed=0, augment=False)[1]
+    assert batch["lesion"].shape == (2, 1, *PATCH) and batch["lesion"].dtype == torch.bool
+    origin = tuple(batch["phases"].long().permute(1, 0, 2, 3, 4).reshape(3, -1).numpy())
+    expected = case.lesion_mask[origin].reshape(2, 1, *PATCH)
+    np.testing.assert_array_equal(batch["lesion"].numpy(), expected)
 
 
 def test_patches_keep_their_shape_when_the_patch_is_not_square_in_plane():

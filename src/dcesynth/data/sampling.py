@@ -79,29 +79,52 @@ def crop(volume: np.ndarray, start: np.ndarray, patch: Sequence[int]) -> np.ndar
     return volume[..., x : x + patch[0], y : y + patch[1], z : z + patch[2]]
 
 
-def augmentation(patch: Sequence[int]) -> transforms.Compose:
+@dataclass
+class Augmentation:
     """The paper's augmentations, for (T, *patch) patches (phases as channels).
+
+    Attributes:
+        intensity: noise, smoothing and sharpening, applied to the phases only.
+        spatial: axis flips and the in-plane 90 degree rotation, applied to the phases
+            and the lesion mask stacked, so that the mask stays aligned with its patch.
+    """
+
+    intensity: transforms.Compose
+    spatial: transforms.Compose
+
+    def __call__(
+        self, phases: np.ndarray, lesion: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Augmented ``(phases (T, *patch), lesion (*patch) bool)``, fixed by ``seed``."""
+        self.intensity.set_random_state(seed=seed)
+        self.spatial.set_random_state(seed=seed + 1)
+        stacked = np.concatenate([np.asarray(self.intensity(phases)), lesion[None]])
+        stacked = np.asarray(self.spatial(stacked))
+        return stacked[:-1], stacked[-1] > 0.5
+
+
+def augmentation(patch: Sequence[int]) -> Augmentation:
+    """The paper's augmentations for patches of shape ``patch``.
 
     The in-plane 90 degree rotation swaps X and Y, so it is left out when the patch is
     not square in-plane (every patch of a batch must keep one shape).
     """
-    steps = [
+    intensity = [
         transforms.RandGaussianNoise(prob=0.5, std=0.02),
         transforms.RandGaussianSmooth(prob=0.2),
         transforms.RandGaussianSharpen(prob=0.2),
-        transforms.RandFlip(prob=0.5, spatial_axis=0),
-        transforms.RandFlip(prob=0.5, spatial_axis=1),
-        transforms.RandFlip(prob=0.5, spatial_axis=2),
     ]
+    spatial = [transforms.RandFlip(prob=0.5, spatial_axis=axis) for axis in range(3)]
     if patch[0] == patch[1]:
-        steps.append(transforms.RandRotate90(prob=0.5, spatial_axes=(0, 1)))
-    return transforms.Compose(steps)
+        spatial.append(transforms.RandRotate90(prob=0.5, spatial_axes=(0, 1)))
+    return Augmentation(transforms.Compose(intensity), transforms.Compose(spatial))
 
 
 class PatchBatches(torch.utils.data.Dataset):
     """Batch number ``step`` of training: ``2 * cases_per_step`` augmented patches.
 
-    Items are dicts with ``phases`` (B, T, *patch) float32 and ``times_s`` (B, T).
+    Items are dicts with ``phases`` (B, T, *patch) float32, ``times_s`` (B, T) and
+    ``lesion`` (B, 1, *patch) bool, the lesion mask of each patch.
     """
 
     def __init__(
@@ -131,7 +154,7 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
-        patches, times = [], []
+        patches, times, lesions = [], [], []
         for index in rng.choice(len(self.cases), size=self.cases_per_step):
             case = self.cases[index]
             lesion_pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels
@@ -139,12 +162,17 @@ class PatchBatches(torch.utils.data.Dataset):
                 centre = pool[rng.integers(len(pool))]
                 start = crop_start(centre, self.patch, case.phases.shape[1:])
                 sample = crop(case.phases, start, self.patch)
+                lesion = crop(case.lesion_mask, start, self.patch)
                 if self.transform is not None:
-                    self.transform.set_random_state(seed=int(rng.integers(2**31)))
-                    sample = self.transform(sample)
+                    sample, lesion = self.transform(sample, lesion, int(rng.integers(2**31 - 1)))
                 patches.append(torch.as_tensor(np.ascontiguousarray(sample), dtype=torch.float32))
+                lesions.append(torch.as_tensor(np.ascontiguousarray(lesion)))
                 times.append(torch.as_tensor(case.times_s))
-        return {"phases": torch.stack(patches), "times_s": torch.stack(times)}
+        return {
+            "phases": torch.stack(patches),
+            "times_s": torch.stack(times),
+            "lesion": torch.stack(lesions)[:, None],
+        }
 
 
 def validation_patches(cases: list[PreparedCase], patch: Sequence[int]) -> dict[str, torch.Tensor]:
