@@ -12,6 +12,7 @@ from dcesynth.train.losses import (
     LossWeights,
     enhancement_weight,
     gradient_difference_loss,
+    lesion_mean_error,
     ssim_loss,
 )
 from dcesynth.train.perceptual import (
@@ -253,3 +254,28 @@ def test_ssim_loss_matches_monai_compute_ssim_and_cs():
         data_range=data_range,
     )
     assert ssim_loss(pred, target).item() == pytest.approx(1 - ssim_map.mean().item(), abs=1e-5)
+
+
+def test_lesion_term_is_the_squared_error_of_the_lesion_mean():
+    target = _volume(17).repeat(3, 1, 1, 1, 1)
+    pred = target.clone()
+    lesion = torch.zeros(target.shape, dtype=torch.bool)
+    lesion[0, :, 4:8, 4:8, 4:8] = True
+    lesion[1, :, 10:12, 10:12, 2:4] = True
+    pred[0][lesion[0]] += 0.5  # patch 0: lesion mean off by 0.5
+    pred[1][lesion[1]] -= 1.0  # patch 1: off by 1.0; patch 2 holds no lesion
+    pred[2] += 7.0
+    assert lesion_mean_error(pred, target, lesion).item() == pytest.approx((0.25 + 1.0) / 2)
+    loss = _pixel_only(l1=0.0, ssim=0.0, gdl=0.0, lesion=2.0)
+    total, terms = loss([pred, pred], [target, target], lesion=lesion)
+    assert terms["lesion"] == pytest.approx(1.25, rel=1e-5)
+    assert total.item() == pytest.approx(2.5, rel=1e-5)
+
+
+def test_lesion_term_is_zero_without_lesion_voxels_and_needs_masks():
+    target = _volume(18)
+    empty = torch.zeros(SHAPE, dtype=torch.bool)
+    assert lesion_mean_error(target + 3.0, target, empty).item() == 0.0
+    with pytest.raises(ValueError, match="lesion masks"):
+        _pixel_only(lesion=1.0)([target], [target])
+    assert "lesion" not in _pixel_only()([target], [target])[1]

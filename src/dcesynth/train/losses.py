@@ -3,6 +3,10 @@
 Each term compares one predicted phase with its real phase, both ``(B, 1, X, Y, Z)`` and
 TI-normalised (z-scored with the first post-contrast phase inside the breast ROI, so values lie
 roughly in -2..10). The per-step losses are summed over the rollout, as in the paper.
+
+Beyond the paper, an optional lesion term is the squared error of each patch's lesion-mean
+intensity: the enhancement error that the evaluation reports, so that the few lesion voxels
+of a patch are not outweighed by the many voxels of tissue that barely enhances.
 """
 
 from dataclasses import dataclass
@@ -29,15 +33,17 @@ class LossWeights:
         ssim: weight of ``1 - SSIM``.
         perceptual: weight of the MedicalNet feature distance (unused without a network).
         gdl: weight of the gradient difference loss.
+        lesion: weight of the lesion-mean squared error (``lesion_mean_error``); 0 in the paper.
     """
 
     l1: float = 0.1
     ssim: float = 1.0
     perceptual: float = 1.0
     gdl: float = 0.1
+    lesion: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("l1", "ssim", "perceptual", "gdl"):
+        for name in ("l1", "ssim", "perceptual", "gdl", "lesion"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossWeights.{name}: must be >= 0, got {getattr(self, name)}")
 
@@ -131,6 +137,23 @@ def gradient_difference_loss(pred: Tensor, target: Tensor, alpha: float = 1.0) -
     return total
 
 
+def lesion_mean_error(pred: Tensor, target: Tensor, lesion: Tensor) -> Tensor:
+    """Squared error of the lesion-mean intensity, averaged over patches that hold a lesion.
+
+    Args:
+        pred, target: ``(B, 1, X, Y, Z)`` phases.
+        lesion: ``(B, 1, X, Y, Z)`` bool lesion mask of each patch.
+
+    Returns:
+        A scalar; 0 when no patch holds a lesion voxel.
+    """
+    weight = lesion.to(pred.dtype)
+    voxels = weight.sum(dim=(1, 2, 3, 4))
+    difference = ((pred - target) * weight).sum(dim=(1, 2, 3, 4)) / voxels.clamp(min=1)
+    holds = (voxels > 0).to(pred.dtype)
+    return (difference.square() * holds).sum() / holds.sum().clamp(min=1)
+
+
 def enhancement_weight(first_post: Tensor, last_post: Tensor) -> Tensor:
     """Voxel weight ``sqrt(|last_post − first_post|)`` that emphasises enhancing tissue.
 
@@ -186,7 +209,11 @@ class CombinedLoss(nn.Module):
         return self.perceptual_net is not None and self.weights.perceptual > 0
 
     def forward(
-        self, preds: list[Tensor], targets: list[Tensor], weight: Tensor | None = None
+        self,
+        preds: list[Tensor],
+        targets: list[Tensor],
+        weight: Tensor | None = None,
+        lesion: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss of a rollout.
 
@@ -194,22 +221,28 @@ class CombinedLoss(nn.Module):
             preds: predicted phases, one ``(B, 1, X, Y, Z)`` tensor per rollout step.
             targets: real phases, matching ``preds`` step for step.
             weight: optional voxel weight ``(B, 1, X, Y, Z)`` (e.g. ``enhancement_weight``),
-                multiplied into prediction and target before every term.
+                multiplied into prediction and target before every term but the lesion term.
+            lesion: ``(B, 1, X, Y, Z)`` bool lesion masks; needed when the lesion weight is > 0.
 
         Returns:
             ``(total, terms)``: the weighted sum over steps as a float32 scalar tensor, and the
             unweighted terms summed over steps (``"l1"``, ``"ssim"`` as ``1 - SSIM``,
-            ``"gdl"``, ``"perceptual"`` only when it is computed) plus ``"total"``, as floats.
+            ``"gdl"``, ``"perceptual"`` and ``"lesion"`` only when computed) plus ``"total"``,
+            as floats.
         """
         if not preds or len(preds) != len(targets):
             raise ValueError(
                 f"CombinedLoss: need one target per prediction, got {len(preds)} predictions "
                 f"and {len(targets)} targets"
             )
+        if self.weights.lesion > 0 and lesion is None:
+            raise ValueError("CombinedLoss: the lesion term needs the patches' lesion masks")
         sums = {name: torch.zeros((), device=preds[0].device) for name in self._term_names()}
         for step, (pred, target) in enumerate(zip(preds, targets, strict=True)):
             self._check_shapes(step, pred, target, weight)
             pred, target = pred.float(), target.float()
+            if self.weights.lesion > 0:
+                sums["lesion"] = sums["lesion"] + lesion_mean_error(pred, target, lesion)
             if weight is not None:
                 pred, target = pred * weight.float(), target * weight.float()
             with torch.autocast(device_type=pred.device.type, enabled=False):
@@ -226,9 +259,8 @@ class CombinedLoss(nn.Module):
         return total, terms
 
     def _term_names(self) -> tuple[str, ...]:
-        return (
-            ("l1", "ssim", "gdl", "perceptual") if self.uses_perceptual else ("l1", "ssim", "gdl")
-        )
+        optional = (("perceptual", self.uses_perceptual), ("lesion", self.weights.lesion > 0))
+        return ("l1", "ssim", "gdl", *(name for name, used in optional if used))
 
     @staticmethod
     def _check_shapes(step: int, pred: Tensor, target: Tensor, weight: Tensor | None) -> None:

@@ -326,7 +326,8 @@ class Trainer:
                 teacher=targets if stage.teacher_forcing else None,
             )
         weight = enhancement_weight(phases[1], phases[-1]) if stage.enhancement_mask else None
-        total, terms = self.loss(preds, targets, weight)
+        lesion = batch["lesion"].to(self.device, non_blocking=True)
+        total, terms = self.loss(preds, targets, weight, lesion)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
