@@ -123,7 +123,7 @@ def simulate(
 def train(
     data: Annotated[Path, typer.Argument(help="Folder of cases (e.g. from `simulate`).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
-    model: Annotated[str, typer.Option(help="iterunet or baseline.")] = "iterunet",
+    model: Annotated[str, typer.Option(help="iterunet, baseline or regression.")] = "iterunet",
     preset: Annotated[str, typer.Option(help="demo, cpu, gpu or paper.")] = "demo",
     no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Ablation: skip stage 1.")] = False,
     no_temporal: Annotated[
@@ -140,7 +140,7 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
 ) -> None:
-    """Train iterU-Net (two stages) or the per-phase baseline on a folder of cases."""
+    """Train iterU-Net (two stages), the per-phase baseline or the regression model."""
     import dataclasses
     import logging
 
@@ -151,6 +151,13 @@ def train(
     overrides = {k: v for k, v in (("seed", seed), ("amp", amp)) if v is not None}
     if overrides:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
+    if seed is not None:
+        config = dataclasses.replace(
+            config, regression=dataclasses.replace(config.regression, seed=seed)
+        )
+    if config.model.name == "regression":
+        train_regression_run(data, out, config, resume)
+        return
     setup_logging()
     trainer = Trainer(data, out, config, resume=resume, perceptual_weights=perceptual_weights)
     with trainer:
@@ -185,6 +192,22 @@ def train(
             )
 
 
+def train_regression_run(data: Path, out: Path, config, resume: bool) -> None:
+    """`train --model regression`: fit the classical model, one progress step per case."""
+    from dcesynth.train.regression_run import train_regression
+
+    with progress_bar() as bar:
+        task = bar.add_task("fit regression", total=None, status="")
+        model = train_regression(
+            data,
+            out,
+            config,
+            resume=resume,
+            on_case=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    print(f"regression: {model.n_targets} target phases, {model.coef.shape[1]} terms; run in {out}")
+
+
 def expand_cases(paths: list[Path]) -> list[Path]:
     """Case folders from the arguments: a case folder itself, or a folder of cases."""
     from dcesynth.case import find_cases
@@ -210,7 +233,7 @@ def predict(
 ) -> None:
     """Synthesize the delayed phases of whole cases, plus a kinetic colour map."""
     from dcesynth.case import load_case
-    from dcesynth.infer import count_region_windows, load_run, predict_case, write_prediction
+    from dcesynth.infer import load_run, predict_case, progress_units, write_prediction
 
     loaded = load_run(run)
     folders = expand_cases(cases)
@@ -218,7 +241,7 @@ def predict(
     with progress_bar() as bar:
         for folder in folders:
             case = load_case(folder)
-            total = count_region_windows(case.roi, loaded.config.train.patch, overlap)
+            total = progress_units(loaded, case, overlap)
             task = bar.add_task(f"predict {case.case_id}", total=total, status="")
             prediction = predict_case(
                 loaded,

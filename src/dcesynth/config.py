@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from dcesynth.io import InputError
+from dcesynth.regression import RegressionConfig
+
+MODEL_CHOICES = ("iterunet", "baseline", "regression")
 
 PAPER_FEATURES = (28, 32, 64, 128, 256, 28)
 
@@ -22,8 +25,9 @@ class ModelConfig:
     """Network choice.
 
     Attributes:
-        name: "iterunet" (one network applied iteratively) or "baseline" (one plain
-            U-Net per target phase, the paper's comparison).
+        name: "iterunet" (one network applied iteratively), "baseline" (one plain
+            U-Net per target phase, the paper's comparison) or "regression" (the
+            classical model of ``dcesynth.regression``; no network).
         features: channels per U-Net level (MONAI BasicUNet convention, 6 values).
         temporal: time embedding + ConvLSTM; False is the paper's ablation.
     """
@@ -81,11 +85,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a training run needs, written to RUN/config.json."""
+    """Everything a training run needs, written to RUN/config.json.
+
+    ``regression`` configures the classical model (``model.name == "regression"``),
+    which ignores ``train`` but for its seed.
+    """
 
     preset: str
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
     version: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -95,7 +104,16 @@ class RunConfig:
     def from_json(cls, data: dict[str, Any]) -> RunConfig:
         model = ModelConfig(**{k: _tuple(v) for k, v in data["model"].items()})
         train = TrainConfig(**{k: _tuple(v) for k, v in data["train"].items()})
-        return cls(preset=data["preset"], model=model, train=train, version=data.get("version", ""))
+        regression = RegressionConfig(
+            **{k: _tuple(v) for k, v in data.get("regression", {}).items()}
+        )
+        return cls(
+            preset=data["preset"],
+            model=model,
+            train=train,
+            regression=regression,
+            version=data.get("version", ""),
+        )
 
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:
@@ -177,8 +195,8 @@ def preset(
     """The named preset with the command line's model choice and ablations applied."""
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    if model not in ("iterunet", "baseline"):
-        raise InputError(f"--model: unknown model {model!r}; choose iterunet or baseline")
+    if model not in MODEL_CHOICES:
+        raise InputError(f"--model: unknown model {model!r}; choose {', '.join(MODEL_CHOICES)}")
     base = PRESETS[name]
     train = base.train
     if not warmup or model == "baseline":
@@ -190,4 +208,7 @@ def preset(
     )
     from dcesynth import __version__
 
-    return RunConfig(preset=name, model=model_config, train=train, version=__version__)
+    regression = dataclasses.replace(base.regression, seed=train.seed)
+    return RunConfig(
+        preset=name, model=model_config, train=train, regression=regression, version=__version__
+    )

@@ -9,6 +9,9 @@ ROI's bounding box rather than the whole volume, and a window that still holds
 no ROI voxel is not run. Outside what the model ran, the output is the last
 observed phase. Predictions are mapped back to signal units and written with
 the input's affine, with a voxelwise kinetic map of the whole synthesized series.
+
+A regression run (``dcesynth.regression``) needs no windows: it predicts the ROI's
+voxels directly from pre and 1dyn, for the protocol it was fitted on.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dcesynth.data.tinorm import fit_case_norm
 from dcesynth.io import InputError, save_nifti, staged_directory
 from dcesynth.kinetics import kinetic_map
 from dcesynth.model import build_model
-from dcesynth.train.checkpoint import load_weights, weights_metadata
+from dcesynth.regression import RegressionModel
+from dcesynth.train.checkpoint import REGRESSION_FILE, load_weights, weights_metadata
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Prediction:
 class LoadedRun:
     """A trained model ready for prediction."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | RegressionModel
     config: RunConfig
     device: torch.device
     weights: Path
@@ -67,6 +71,9 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     """Rebuild the model of ``RUN`` from its config and load its best (else last) weights."""
     run_dir = Path(run_dir)
     config = RunConfig.load(run_dir)
+    if config.model.name == "regression":
+        path = run_dir / REGRESSION_FILE
+        return LoadedRun(RegressionModel.load(path), config, torch.device("cpu"), path)
     weights = next(
         (
             p
@@ -182,6 +189,8 @@ def predict_case(
     """
     names = parse_inputs(inputs, case)
     targets = target_times(case, len(names), times_s)
+    if isinstance(run.model, RegressionModel):
+        return _predict_regression(run.model, case, names, targets, on_windows)
     model_targets = targets
     if run.config.model.name == "baseline":
         # The baseline maps pre + 1dyn to every later phase; observed ones are dropped.
@@ -223,6 +232,40 @@ def predict_case(
         windows_skipped=predictor.skipped,
         region=region,
     )
+
+
+def _predict_regression(
+    model: RegressionModel,
+    case: Case,
+    names: list[str],
+    targets: list[float],
+    on_windows: Callable[[int], None] | None,
+) -> Prediction:
+    """``predict_case`` for a regression run: one pass over the ROI, no windows."""
+    if len(names) != 2 or targets != model.times_s[2:]:
+        raise InputError(
+            f"{case.case_id}: this regression model predicts {model.times_s[2:]} s from pre "
+            f"and 1dyn; asked for {targets} s from {','.join(names)}"
+        )
+    phases = model.predict_case(case)
+    if on_windows:
+        on_windows(1)
+    return Prediction(
+        phases=phases,
+        names=phase_names(2 + len(targets))[2:],
+        times_s=list(case.times_s[:2]) + targets,
+        n_inputs=2,
+        windows_run=1,
+        windows_skipped=0,
+        region=tuple((0, size) for size in case.shape),
+    )
+
+
+def progress_units(run: LoadedRun, case: Case, overlap: float) -> int:
+    """How many units ``predict_case`` reports through ``on_windows`` for ``case``."""
+    if isinstance(run.model, RegressionModel):
+        return 1
+    return count_region_windows(case.roi, run.config.train.patch, overlap)
 
 
 def roi_region(

@@ -9,6 +9,7 @@ A run folder::
     RUN/checkpoints/warmup.safetensors weights at the end of the warm-up stage
     RUN/log.jsonl                    one JSON line per validation
     RUN/train.log                    the human-readable log
+    RUN/regression.safetensors       the fitted model of a regression run (no checkpoints)
 
 Weights are safetensors; the training state holds only tensors, numbers and
 strings and is read with ``torch.load(weights_only=True)``, which refuses code.
@@ -25,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from dcesynth.io import InputError, atomic_write_bytes
+
+REGRESSION_FILE = "regression.safetensors"
 
 
 def save_weights(path: Path, model: torch.nn.Module, step: int | None = None) -> None:

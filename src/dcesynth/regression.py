@@ -1,0 +1,280 @@
+"""A classical model: ridge regression from voxel features of pre and 1dyn to each later phase.
+
+Per voxel, in TI units (the case's first post-contrast phase z-scored inside the
+breast ROI, as the networks see it), the features are the pre and 1dyn intensities,
+their difference, the relative enhancement ``(S1 - S0) / S0`` of the signal, both
+enhancement maps smoothed at a few spatial scales (a voxel's neighbourhood: lesion
+size, rim against core), and the case's mean enhancement inside the ROI (background
+parenchymal enhancement). Their products up to ``degree`` feed one ridge regression
+per target phase, fitted to ``phase_k - 1dyn``.
+
+Fitting samples every lesion voxel and a fixed number of other ROI voxels per case,
+weighted so that each case's lesions and each case's background count alike. Only the
+breast ROI is predicted; outside it the output is the first post-contrast phase.
+
+The fitted model is a few arrays (term exponents, scaler, coefficients), stored as
+safetensors with the feature names, target times and configuration in its metadata:
+no pickle. It is the floor every network must beat, and a model that fits a cohort of
+hundreds of cases in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
+from scipy import ndimage
+from sklearn.linear_model import Ridge
+from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
+from dcesynth.case import Case
+from dcesynth.data.tinorm import TINorm, fit_case_norm
+from dcesynth.io import InputError, atomic_write_bytes
+
+RELATIVE_ENHANCEMENT_RANGE = (-1.0, 6.0)
+"""Clip of ``(S1 - S0) / S0``: dark pre-contrast voxels would otherwise give huge ratios."""
+
+
+@dataclass(frozen=True)
+class RegressionConfig:
+    """Features and fit of the regression model.
+
+    Attributes:
+        sigmas_vox: Gaussian smoothing scales of the enhancement maps, voxels.
+        degree: highest total power of the feature products.
+        alpha: ridge penalty on the standardised terms.
+        background_voxels_per_case: non-lesion ROI voxels sampled per training case.
+        seed: fixes the voxel sample.
+    """
+
+    sigmas_vox: tuple[float, ...] = (1.0, 2.0, 4.0)
+    degree: int = 2
+    alpha: float = 10.0
+    background_voxels_per_case: int = 2000
+    seed: int = 0
+
+
+def feature_names(config: RegressionConfig) -> list[str]:
+    """Names of ``voxel_features``' channels, in order."""
+    smoothed = [
+        f"{name}_sigma{sigma:g}"
+        for sigma in config.sigmas_vox
+        for name in ("enhancement", "relative_enhancement")
+    ]
+    return ["pre", "post", "enhancement", "relative_enhancement", *smoothed, "roi_enhancement"]
+
+
+def voxel_features(case: Case, norm: TINorm, config: RegressionConfig) -> np.ndarray:
+    """(X, Y, Z, F) float32 features of a case's pre and 1dyn (``feature_names``)."""
+    pre, post = norm.forward(case.phases[0]), norm.forward(case.phases[1])
+    enhancement = post - pre
+    signal_pre = case.phases[0].astype(np.float32)
+    floor = 1e-3 * max(float(np.abs(case.phases[1]).max()), 1e-12)
+    relative = np.clip(
+        (case.phases[1] - signal_pre) / np.maximum(signal_pre, floor), *RELATIVE_ENHANCEMENT_RANGE
+    ).astype(np.float32)
+    channels = [pre, post, enhancement, relative]
+    for sigma in config.sigmas_vox:
+        channels += [
+            ndimage.gaussian_filter(enhancement, sigma),
+            ndimage.gaussian_filter(relative, sigma),
+        ]
+    roi = case.roi > 0
+    channels.append(np.full_like(pre, float(enhancement[roi].mean())))
+    return np.stack(channels, axis=-1)
+
+
+def polynomial_terms(features: np.ndarray, powers: np.ndarray) -> np.ndarray:
+    """(N, F) features -> (N, P) products, term p = prod_f features[:, f] ** powers[p, f]."""
+    terms = np.ones((features.shape[0], powers.shape[0]), dtype=np.float64)
+    for term, exponents in enumerate(powers):
+        for feature in np.flatnonzero(exponents):
+            terms[:, term] *= features[:, feature].astype(np.float64) ** int(exponents[feature])
+    return terms
+
+
+@dataclass
+class RegressionModel:
+    """A fitted regression model.
+
+    Attributes:
+        config: how it was fitted.
+        times_s: the protocol it was fitted on (pre first); it predicts phases 2.. of it.
+        powers: (P, F) exponents of the polynomial terms.
+        term_mean, term_scale: (P,) standardisation of the terms.
+        coef: (K, P) coefficients, one row per target phase; intercept: (K,).
+    """
+
+    config: RegressionConfig
+    times_s: list[float]
+    powers: np.ndarray
+    term_mean: np.ndarray
+    term_scale: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.coef.shape[0])
+
+    def predict_change(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) features -> (N, K) predicted ``phase_k - 1dyn`` in TI units."""
+        terms = (polynomial_terms(features, self.powers) - self.term_mean) / self.term_scale
+        return terms @ self.coef.T + self.intercept
+
+    def predict_case(self, case: Case) -> np.ndarray:
+        """(K, X, Y, Z) float32 predicted phases 2.. of ``case`` in signal units.
+
+        Raises:
+            InputError: the case's protocol is not the one the model was fitted on.
+        """
+        observed = [float(t) for t in case.times_s]
+        if observed[: len(self.times_s)] != self.times_s[: len(observed)]:
+            raise InputError(
+                f"{case.case_id}: this regression model predicts the protocol {self.times_s} s; "
+                f"the case has {list(case.times_s)}"
+            )
+        norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+        roi = case.roi > 0
+        post = norm.forward(case.phases[1])
+        change = self.predict_change(voxel_features(case, norm, self.config)[roi])
+        out = np.repeat(case.phases[1][None].astype(np.float32), self.n_targets, axis=0)
+        for k in range(self.n_targets):
+            out[k][roi] = norm.inverse(post[roi] + change[:, k])
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write the model as safetensors (arrays + JSON metadata), atomically."""
+        # safetensors writes an array's memory as it lies: a transposed view (scikit-learn's
+        # coefficients may be one) would be read back scrambled.
+        tensors = {
+            "powers": np.ascontiguousarray(self.powers, dtype=np.int64),
+            "term_mean": np.ascontiguousarray(self.term_mean, dtype=np.float64),
+            "term_scale": np.ascontiguousarray(self.term_scale, dtype=np.float64),
+            "coef": np.ascontiguousarray(self.coef, dtype=np.float64),
+            "intercept": np.ascontiguousarray(self.intercept, dtype=np.float64),
+        }
+        metadata = {
+            "model_class": "RegressionModel",
+            "config": json.dumps(asdict(self.config)),
+            "times_s": json.dumps(self.times_s),
+            "features": json.dumps(feature_names(self.config)),
+            "n_targets": str(self.n_targets),
+        }
+        atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Path) -> RegressionModel:
+        """Read a model written by ``save``; InputError naming the file when it is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: regression model file not found")
+        try:
+            with safe_open(path, framework="numpy") as handle:
+                metadata = dict(handle.metadata() or {})
+                arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            raw = json.loads(metadata["config"])
+            config = RegressionConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+            )
+            model = cls(
+                config=config,
+                times_s=[float(t) for t in json.loads(metadata["times_s"])],
+                powers=arrays["powers"],
+                term_mean=arrays["term_mean"],
+                term_scale=arrays["term_scale"],
+                coef=arrays["coef"],
+                intercept=arrays["intercept"],
+            )
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: not a regression model ({exc})") from exc
+        n_features = len(feature_names(config))
+        if model.powers.shape[1:] != (n_features,) or model.coef.shape[1] != len(model.powers):
+            raise InputError(f"{path}: regression model arrays do not fit together")
+        if not all(np.isfinite(a).all() for a in (model.term_mean, model.term_scale, model.coef)):
+            raise InputError(f"{path}: regression model holds non-finite values")
+        return model
+
+
+def _training_sample(
+    case: Case, config: RegressionConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One case's sampled voxels: features (N, F), targets (N, K), weights (N,)."""
+    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+    features = voxel_features(case, norm, config)
+    lesion = case.seg > 0
+    background = np.argwhere((case.roi > 0) & ~lesion)
+    if len(background) > config.background_voxels_per_case:
+        background = background[
+            rng.choice(len(background), config.background_voxels_per_case, replace=False)
+        ]
+    parts = [part for part in (np.argwhere(lesion), background) if len(part)]
+    index = tuple(np.concatenate(parts).T)
+    weights = np.concatenate([np.full(len(part), 1.0 / len(part)) for part in parts])
+    post = norm.forward(case.phases[1][index])
+    targets = np.stack(
+        [norm.forward(case.phases[k][index]) - post for k in range(2, len(case.times_s))], axis=-1
+    )
+    return features[index], targets, weights
+
+
+def fit_regression(
+    cases: Sequence[Callable[[], Case]],
+    config: RegressionConfig = RegressionConfig(),
+    on_case: Callable[[int], None] | None = None,
+) -> RegressionModel:
+    """Fit the model on a cohort that shares one protocol.
+
+    Args:
+        cases: loaders of the training cases (called one at a time, so the cohort is
+            never in memory at once).
+        config: features and fit.
+        on_case: progress callback, called with the number of cases done.
+
+    Raises:
+        InputError: no case, a protocol with no phase after 1dyn, or cases whose
+            protocols differ.
+    """
+    if not cases:
+        raise InputError("regression: no training case")
+    rng = np.random.default_rng(config.seed)
+    features, targets, weights, times_s = [], [], [], None
+    for done, load in enumerate(cases, 1):
+        case = load()
+        if times_s is None:
+            times_s = [float(t) for t in case.times_s]
+            if len(times_s) < 3:
+                raise InputError(f"{case.case_id}: the regression needs a phase after 1dyn")
+        elif [float(t) for t in case.times_s] != times_s:
+            raise InputError(
+                f"{case.case_id}: protocol {list(case.times_s)} s differs from the cohort's "
+                f"{times_s} s; the regression model predicts one protocol"
+            )
+        sample = _training_sample(case, config, rng)
+        for store, part in zip((features, targets, weights), sample, strict=True):
+            store.append(part)
+        if on_case:
+            on_case(done)
+    poly = PolynomialFeatures(config.degree, include_bias=False).fit(features[0][:1])
+    terms = polynomial_terms(np.concatenate(features), poly.powers_)
+    scaler = StandardScaler().fit(terms)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    ridge = Ridge(alpha=config.alpha).fit(
+        (terms - scaler.mean_) / scale,
+        np.concatenate(targets),
+        sample_weight=np.concatenate(weights),
+    )
+    return RegressionModel(
+        config=config,
+        times_s=times_s,
+        powers=poly.powers_.astype(np.int64),
+        term_mean=scaler.mean_,
+        term_scale=scale,
+        coef=np.atleast_2d(ridge.coef_),
+        intercept=np.atleast_1d(ridge.intercept_),
+    )

@@ -1,0 +1,141 @@
+"""The classical regression model: what it learns, how it is stored, train/predict through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from dcesynth.case import Case, load_case, save_case
+from dcesynth.cli import app
+from dcesynth.data.tinorm import fit_case_norm
+from dcesynth.io import InputError
+from dcesynth.regression import (
+    RegressionConfig,
+    RegressionModel,
+    feature_names,
+    fit_regression,
+    polynomial_terms,
+    voxel_features,
+)
+
+TIMES = [0.0, 85.0, 155.0, 225.0]
+SHAPE = (24, 24, 12)
+# Each later phase k changes from 1dyn by GAINS[k] times 1dyn's enhancement over pre.
+GAINS = (0.3, -0.4)
+
+
+def law_case(seed: int, case_id: str = "law") -> Case:
+    """A case whose later phases follow a known voxelwise law of pre and 1dyn."""
+    rng = np.random.default_rng(seed)
+    pre = rng.uniform(80.0, 120.0, SHAPE).astype(np.float32)
+    post = pre * rng.uniform(1.0, 2.5, SHAPE).astype(np.float32)
+    later = [post + gain * (post - pre) for gain in GAINS]
+    roi = np.zeros(SHAPE, dtype=np.uint8)
+    roi[2:22, 2:22, 1:11] = 1
+    seg = np.zeros(SHAPE, dtype=np.int16)
+    seg[8:12, 8:12, 4:8] = 1
+    phases = np.stack([pre, post, *later]).astype(np.float32)
+    return Case(case_id, phases, TIMES, seg, roi, np.eye(4), source="test")
+
+
+def fitted(cases, **config) -> RegressionModel:
+    # No smoothing scales: the law is voxelwise, and smoothing would only add terms.
+    options = {"sigmas_vox": (), "degree": 2, "alpha": 1e-6, **config}
+    return fit_regression([lambda case=case: case for case in cases], RegressionConfig(**options))
+
+
+def test_learns_a_voxelwise_law_of_pre_and_1dyn():
+    model = fitted([law_case(0), law_case(1)])
+    case = law_case(2)
+    predicted = model.predict_case(case)
+    roi = case.roi > 0
+    for k in range(2):
+        np.testing.assert_allclose(predicted[k][roi], case.phases[2 + k][roi], rtol=2e-3)
+    assert np.array_equal(predicted[:, ~roi], np.repeat(case.phases[1][None], 2, 0)[:, ~roi])
+
+
+def test_features_are_named_and_polynomial_terms_follow_their_powers():
+    config = RegressionConfig(sigmas_vox=(1.0, 2.0))
+    case = law_case(0)
+    features = voxel_features(case, fit_case_norm(case.phases, case.roi), config)
+    assert features.shape == (*SHAPE, len(feature_names(config))) == (*SHAPE, 9)
+    assert len(set(feature_names(config))) == 9
+    x = np.array([[2.0, 3.0], [-1.0, 0.5]])
+    powers = np.array([[1, 0], [0, 2], [1, 1]])
+    np.testing.assert_array_equal(polynomial_terms(x, powers), [[2, 9, 6], [-1, 0.25, -0.5]])
+
+
+def test_save_and_load_give_the_same_predictions(tmp_path):
+    model = fitted([law_case(0)], sigmas_vox=(1.0,), alpha=1.0)
+    model.save(tmp_path / "model.safetensors")
+    loaded = RegressionModel.load(tmp_path / "model.safetensors")
+    case = law_case(3)
+    np.testing.assert_array_equal(loaded.predict_case(case), model.predict_case(case))
+    assert loaded.config == model.config and loaded.times_s == TIMES
+
+
+def test_foreign_or_damaged_model_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": np.zeros(3, dtype=np.float32)}, foreign)
+    with pytest.raises(InputError, match="foreign.safetensors: not a regression model"):
+        RegressionModel.load(foreign)
+    model = fitted([law_case(0)])
+    model.coef[0, 0] = np.nan
+    model.save(tmp_path / "nan.safetensors")
+    with pytest.raises(InputError, match="nan.safetensors: regression model holds non-finite"):
+        RegressionModel.load(tmp_path / "nan.safetensors")
+
+
+def test_cases_of_another_protocol_are_refused():
+    other = law_case(1, "other")
+    other.times_s = [0.0, 85.0, 160.0, 225.0]
+    with pytest.raises(InputError, match="other: protocol"):
+        fitted([law_case(0), other])
+    with pytest.raises(InputError, match="other: this regression model predicts the protocol"):
+        fitted([law_case(0)]).predict_case(other)
+
+
+def test_cli_trains_and_predicts_a_regression_run(tmp_path):
+    for seed in range(3):
+        save_case(law_case(seed, f"case_{seed}"), tmp_path / "data")
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", "regression"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 target phases" in result.stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert config["model"]["name"] == "regression"
+    assert config["regression"]["degree"] == 2
+    result = runner.invoke(
+        app,
+        ["predict", str(tmp_path / "run"), str(tmp_path / "data"), "--out", str(tmp_path / "pred")],
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "pred" / "case_0").iterdir())
+    assert written == ["2dyn.nii.gz", "3dyn.nii.gz", "kinetic_map.nii.gz"]
+    again = runner.invoke(
+        app,
+        ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", "regression"],
+    )
+    assert again.exit_code == 2 and "holds a run already" in again.stderr
+    case = load_case(tmp_path / "data" / "case_0")
+    more_inputs = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "run"),
+            str(tmp_path / "data" / "case_0"),
+            "--out",
+            str(tmp_path / "pred2"),
+            "--inputs",
+            "pre,1dyn,2dyn",
+        ],
+    )
+    assert more_inputs.exit_code == 2
+    assert f"{case.case_id}: this regression model predicts" in more_inputs.stderr
