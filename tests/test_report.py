@@ -1,6 +1,7 @@
 """evaluate() and the HTML reports on two tiny synthetic cases and hand-made predictions."""
 
 import json
+from html import escape
 
 import numpy as np
 import pytest
@@ -197,6 +198,17 @@ def test_report_page_has_both_tables_and_embedded_figures(study):
     assert page.count("data:image/png;base64,") == 3  # curves + one strip per case
     assert "paper: iterU-Net" in page
     assert 'src="http' not in page
+
+
+def test_report_page_opens_with_the_verdicts_and_shows_intervals_and_paired_table(study):
+    result = study[2]
+    page = (study[0] / "report" / "index.html").read_text(encoding="utf-8")
+    verdict = escape(result["verdicts"][f"shifted - {REFERENCE_MODEL}"])
+    assert page.index(verdict) < page.index("Table 1.")
+    shifted = result["models"]["shifted"]
+    low, high = shifted["enh_error_last_ci95"]
+    assert f"{shifted['enh_error_last']:.3f} ± " in page and f"[{low:.3f}, {high:.3f}]" in page
+    assert "Paired comparisons" in page and f"shifted - {REFERENCE_MODEL}" in page
 
 
 def test_predictions_from_a_later_phase_are_scored_from_that_phase(study, tmp_path):
