@@ -5,8 +5,10 @@ from html import escape
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from dcesynth.case import PAPER_TIMES_S, Case, phase_names, save_case
+from dcesynth.cli import app
 from dcesynth.data.tinorm import fit_case_norm
 from dcesynth.io import InputError, save_nifti
 from dcesynth.metrics import PSNR_CAP_DB
@@ -221,6 +223,15 @@ def test_predictions_from_a_later_phase_are_scored_from_that_phase(study, tmp_pa
     paired = result["paired"][f"late - {REFERENCE_MODEL}"]
     assert "enh_error_2dyn" not in paired and "psnr_2dyn" not in paired
     assert "enh_error_3dyn" in paired
+
+
+def test_cli_evaluate_prints_the_verdicts_after_the_table(study, tmp_path):
+    root = study[0]
+    args = ["evaluate", str(root / "data"), "--pred", f"shifted={root / 'shifted'}"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    sentence = "shifted beat copy-forward on the lesion enhancement error at the last phase"
+    assert result.output.index("2 cases") < result.output.index(sentence)
 
 
 def test_missing_prediction_case_names_the_folder_and_writes_nothing(study, tmp_path):
