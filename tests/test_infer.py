@@ -215,7 +215,7 @@ def test_evaluate_cli_writes_metrics(tmp_path, case_dir):
         ],
     )
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["cases"] == 1
     assert set(metrics["models"]["tiny"]["per_phase"]) == {"2dyn", "3dyn", "4dyn", "5dyn"}
     assert (tmp_path / "report" / "index.html").is_file()

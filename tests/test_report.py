@@ -1,14 +1,18 @@
 """evaluate() and the HTML reports on two tiny synthetic cases and hand-made predictions."""
 
 import json
+from html import escape
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from dcesynth.case import PAPER_TIMES_S, Case, phase_names, save_case
+from dcesynth.cli import app
 from dcesynth.data.tinorm import fit_case_norm
 from dcesynth.io import InputError, save_nifti
 from dcesynth.metrics import PSNR_CAP_DB
+from dcesynth.pages import LESION_METRICS
 from dcesynth.report import REFERENCE_MODEL, evaluate, write_cohort_report
 
 SHAPE = (32, 32, 16)
@@ -20,6 +24,9 @@ ENHANCEMENT = {  # relative enhancement per phase, pre first
     "persistent": [0.0, 0.5, 0.7, 0.9, 1.0, 1.1],
 }
 PREDICTED = phase_names(6)[2:]
+PHASE_METRICS = ("psnr", "ssim", "enh_error")
+MODEL_KEYS = {"per_phase", *LESION_METRICS, "confusion_matrix", "std"}
+"""A model's metrics.json keys other than the intervals."""
 
 
 def _case(case_id: str, curve_type: str, seed: int) -> Case:
@@ -77,9 +84,65 @@ def test_metrics_json_follows_the_contract(study):
     for entry in written["models"].values():
         assert list(entry["per_phase"]) == PREDICTED
         for values in entry["per_phase"].values():
-            assert set(values) == {"psnr", "ssim", "enh_error"}
+            assert set(values) == {*PHASE_METRICS, *(f"{key}_ci95" for key in PHASE_METRICS)}
         for key in ("scc", "dtw", "curve_type_agreement"):
             assert isinstance(entry[key], float)
+        assert set(entry) == MODEL_KEYS | {f"{key}_ci95" for key in LESION_METRICS}
+        assert set(entry["std"]) == {"per_phase", *LESION_METRICS}
+
+
+def test_every_scalar_metric_has_a_bootstrap_interval_around_its_mean(study):
+    result = study[2]
+    assert result["bootstrap"] == {"resamples": 2000, "seed": 0, "unit": "case", "level": 0.95}
+    for entry in result["models"].values():
+        scalars = [(entry, key) for key in LESION_METRICS]
+        scalars += [
+            (values, key) for values in entry["per_phase"].values() for key in PHASE_METRICS
+        ]
+        for metrics, key in scalars:
+            low, high = metrics[f"{key}_ci95"]
+            assert low <= metrics[key] + 1e-12 and metrics[key] <= high + 1e-12
+
+
+def test_paired_block_compares_every_model_with_copy_on_every_metric(study):
+    result = study[2]
+    assert list(result["paired"]) == [
+        f"perfect - {REFERENCE_MODEL}",
+        f"shifted - {REFERENCE_MODEL}",
+    ]
+    expected = [f"{key}_{phase}" for phase in PREDICTED for key in PHASE_METRICS]
+    for comparisons in result["paired"].values():
+        assert list(comparisons) == expected + list(LESION_METRICS)
+        for metric, values in comparisons.items():
+            is_error = metric.startswith("enh_error") or metric == "dtw"
+            keys = {"diff", "ci95", "ratio", "ratio_ci95"} if is_error else {"diff", "ci95"}
+            assert set(values) == keys
+    perfect = result["paired"][f"perfect - {REFERENCE_MODEL}"]
+    assert perfect["enh_error_5dyn"]["ratio"] == 0.0
+    assert perfect["enh_error_5dyn"]["diff"] == pytest.approx(
+        -result["models"][REFERENCE_MODEL]["per_phase"]["5dyn"]["enh_error"]
+    )
+    assert result["verdicts"][f"perfect - {REFERENCE_MODEL}"].startswith(
+        "perfect beat copy-forward on the lesion enhancement error at the last phase"
+    )
+
+
+def test_iterunet_is_paired_with_baseline_and_regression_when_present(study, tmp_path):
+    root = study[0]
+    predictions = {
+        "iterunet": root / "shifted",
+        "baseline": root / "perfect",
+        "regression": root / "shifted",
+    }
+    result = evaluate(root / "data", predictions, tmp_path / "report", resamples=200)
+    assert list(result["paired"])[-2:] == ["iterunet - baseline", "iterunet - regression"]
+    same = result["paired"]["iterunet - regression"]["enh_error_last"]
+    assert same == {"diff": 0.0, "ci95": [0.0, 0.0], "ratio": 1.0, "ratio_ci95": [1.0, 1.0]}
+    assert result["verdicts"]["iterunet - regression"].startswith(
+        "iterunet did not beat regression"
+    )
+    assert result["paired"]["iterunet - baseline"]["enh_error_last"]["ratio"] is None
+    assert result["verdicts"]["iterunet - baseline"].startswith("iterunet was worse than baseline")
 
 
 def test_metrics_json_is_strict_json_without_nan_or_infinity(study):
@@ -88,7 +151,9 @@ def test_metrics_json_is_strict_json_without_nan_or_infinity(study):
     def reject(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    json.loads((root / "report" / "metrics.json").read_text(), parse_constant=reject)
+    json.loads(
+        (root / "report" / "metrics.json").read_text(encoding="utf-8"), parse_constant=reject
+    )
 
 
 def test_perfect_predictions_score_perfectly(study):
@@ -137,6 +202,17 @@ def test_report_page_has_both_tables_and_embedded_figures(study):
     assert 'src="http' not in page
 
 
+def test_report_page_opens_with_the_verdicts_and_shows_intervals_and_paired_table(study):
+    result = study[2]
+    page = (study[0] / "report" / "index.html").read_text(encoding="utf-8")
+    verdict = escape(result["verdicts"][f"shifted - {REFERENCE_MODEL}"])
+    assert page.index(verdict) < page.index("Table 1.")
+    shifted = result["models"]["shifted"]
+    low, high = shifted["enh_error_last_ci95"]
+    assert f"{shifted['enh_error_last']:.3f} ± " in page and f"[{low:.3f}, {high:.3f}]" in page
+    assert "Paired comparisons" in page and f"shifted - {REFERENCE_MODEL}" in page
+
+
 def test_predictions_from_a_later_phase_are_scored_from_that_phase(study, tmp_path):
     root, cases, _ = study
     for case in cases:
@@ -144,6 +220,18 @@ def test_predictions_from_a_later_phase_are_scored_from_that_phase(study, tmp_pa
     result = evaluate(root / "data", {"late": tmp_path / "late"}, tmp_path / "report")
     assert list(result["models"]["late"]["per_phase"]) == PREDICTED[1:]
     assert list(result["models"][REFERENCE_MODEL]["per_phase"]) == PREDICTED
+    paired = result["paired"][f"late - {REFERENCE_MODEL}"]
+    assert "enh_error_2dyn" not in paired and "psnr_2dyn" not in paired
+    assert "enh_error_3dyn" in paired
+
+
+def test_cli_evaluate_prints_the_verdicts_after_the_table(study, tmp_path):
+    root = study[0]
+    args = ["evaluate", str(root / "data"), "--pred", f"shifted={root / 'shifted'}"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    sentence = "shifted beat copy-forward on the lesion enhancement error at the last phase"
+    assert result.output.index("2 cases") < result.output.index(sentence)
 
 
 def test_missing_prediction_case_names_the_folder_and_writes_nothing(study, tmp_path):

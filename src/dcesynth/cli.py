@@ -283,7 +283,7 @@ def evaluate(
 
 
 def print_metrics(metrics: dict) -> None:
-    """The headline figures as a rich table."""
+    """The headline figures as a rich table, then the verdict of each paired comparison."""
     from rich.table import Table
 
     table = Table(title=f"{metrics['cases']} cases")
@@ -297,7 +297,10 @@ def print_metrics(metrics: dict) -> None:
             f"{values['dtw']:.3f}",
             f"{values['curve_type_agreement']:.2f}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for sentence in metrics["verdicts"].values():
+        console.print(sentence, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("import")

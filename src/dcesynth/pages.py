@@ -26,6 +26,7 @@ th, td { padding: 4px 10px; border-bottom: 1px solid #e4e4e4; text-align: right;
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 tr.group td { border-top: 2px solid #bbb; } tr.paper td { color: #666; background: #fafafa; }
 tr.reference td { color: #555; font-style: italic; }
+.verdicts { background: #f3f7fc; border-left: 4px solid #1f5fbf; padding: 6px 16px; }
 .type { padding: 1px 7px; border-radius: 8px; color: white; font-size: 0.88em; }
 .persistent { background: #1f5fbf; } .plateau { background: #f0a202; }
 .washout { background: #d62728; } .none { background: #8c8c8c; }
@@ -97,8 +98,14 @@ PAPER_TABLE2 = {  # (SCC, DTW, enhancement error at 5dyn)
 }
 
 
-def _fmt(mean: float | None, std: float | None, digits: int) -> str:
-    return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _interval(interval: list[float] | None, digits: int) -> str:
+    return "–" if interval is None else f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def _fmt(mean: float | None, std: float | None, interval: list[float] | None, digits: int) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} {_interval(interval, digits)}"
 
 
 def _model_cell(result: dict, model: str) -> str:
@@ -117,7 +124,7 @@ def _table1(result: dict) -> str:
             rows.append(
                 [_model_cell(result, model) if index == 0 else "", phase]
                 + [
-                    _fmt(mean[key], std[key], digits)
+                    _fmt(mean[key], std[key], mean[f"{key}_ci95"], digits)
                     for key, digits in (("psnr", 2), ("ssim", 3), ("enh_error", 3))
                 ]
             )
@@ -135,7 +142,10 @@ def _table2(result: dict) -> str:
     for model, entry in result["models"].items():
         rows.append(
             [_model_cell(result, model)]
-            + [_fmt(entry[key], entry["std"][key], 3) for key in LESION_METRICS]
+            + [
+                _fmt(entry[key], entry["std"][key], entry[f"{key}_ci95"], 3)
+                for key in LESION_METRICS
+            ]
         )
         classes.append(_row_class(result, model))
     for index, (model, (scc, dtw, error)) in enumerate(PAPER_TABLE2.items()):
@@ -149,6 +159,24 @@ def _table2(result: dict) -> str:
         "Kinetic-map agreement ↑",
         "Enh. error last phase ↓",
     ]
+    return html_table(header, rows, classes)
+
+
+def _paired_table(result: dict) -> str:
+    """One row per pair and metric; bold where the difference's interval excludes 0."""
+    rows, classes = [], []
+    for pair, comparisons in result["paired"].items():
+        for index, (metric, values) in enumerate(comparisons.items()):
+            difference = f"{values['diff']:.3f} {_interval(values['ci95'], 3)}"
+            low, high = values["ci95"]
+            if low > 0 or high < 0:
+                difference = Markup(f"<b>{escape(difference)}</b>")
+            ratio = "–"
+            if values.get("ratio") is not None:
+                ratio = f"{values['ratio']:.2f} {_interval(values['ratio_ci95'], 2)}"
+            rows.append([pair if index == 0 else "", metric, difference, ratio])
+            classes.append("group" if index == 0 else "")
+    header = ["Models A − B", "Metric", "Difference A − B [95 % interval]", "Ratio A / B"]
     return html_table(header, rows, classes)
 
 
@@ -189,7 +217,14 @@ def evaluation_page(result: dict, summaries: list[dict], curves: str, strips: li
     """
     models = ", ".join(escape(m) for m in result["models"] if m not in result["reference_models"])
     references = ", ".join(escape(m) for m in result["reference_models"])
+    bootstrap = result["bootstrap"]
+    verdicts = "".join(f"<li>{escape(sentence)}</li>" for sentence in result["verdicts"].values())
     body = [
+        f'<div class="verdicts"><p><b>Verdict.</b> Each model against copy-forward (the first '
+        "post-contrast phase copied to every later phase), and iterU-Net against the baseline "
+        "and the regression model, read off the 95 % intervals of "
+        f"{bootstrap['resamples']} bootstrap resamples of the cases (seed {bootstrap['seed']})"
+        f":</p><ul>{verdicts}</ul></div>",
         _cohort_summary(summaries),
         f"<p>Models: <b>{models}</b>. Each received the pre-contrast and first post-contrast "
         f"phases and synthesized the later ones. <i>{references}</i>: a reference, not a "
@@ -199,16 +234,26 @@ def evaluation_page(result: dict, summaries: list[dict], curves: str, strips: li
         '<p class="note">Inside the breast ROI, in TI-normalised units (z-scored by the first '
         "post-contrast phase in the ROI). PSNR peak: the real phase's range in the ROI; "
         f"identical images count as {PSNR_CAP_DB:g} dB. Enhancement error: squared "
-        "difference of the lesion mean. Mean ± SD over cases (PSNR, SSIM) or lesions.</p>",
+        "difference of the lesion mean. Mean ± SD over cases (PSNR, SSIM) or lesions, then "
+        "the 95 % bootstrap interval of the mean [low, high], resampling cases.</p>",
         _table1(result),
         f'<p class="note">{escape(PAPER_NOTE)}</p>',
         "<h2>Table 2. Kinetic curves</h2>",
         '<p class="note">Per lesion, its mean over all phases. SCC: Spearman rank correlation '
         "with the real curve; DTW: dynamic time warping distance (TI-normalised); curve-type "
         "agreement: same type as the real curve; kinetic-map agreement: fraction of lesion "
-        "voxels of the same voxelwise type. Mean ± SD over lesions.</p>",
+        "voxels of the same voxelwise type. Mean ± SD over lesions [95 % bootstrap interval of "
+        "the mean].</p>",
         _table2(result),
         f'<p class="note">{escape(PAPER_NOTE)}</p>',
+        "<h2>Paired comparisons</h2>",
+        '<p class="note">Each model against the reference, and iterU-Net against the baseline '
+        "and the regression model, on the same resampled cases and only the phases both "
+        "synthesized. Difference of the means, A − B, with its 95 % interval; bold where "
+        "the interval excludes 0 (a difference beyond resampling noise). Ratio A / B of the "
+        "mean errors, for the error metrics (enhancement error, DTW): below 1, A's error is "
+        "smaller; – where B's error is 0. Metric names as in metrics.json.</p>",
+        _paired_table(result),
         "<h2>Curve type: real vs synthesized (lesions)</h2>",
         _confusion_tables(result),
         "<h2>Kinetic curves per lesion</h2>",

@@ -14,6 +14,11 @@ What is compared (Chung et al. 2025, Tables 1 and 2; conventions in ``metrics``)
   metrics over all lesions of the cohort. PSNR is capped at ``metrics.PSNR_CAP_DB``.
 - ``copy-1dyn`` is a reference, not a model: the first post-contrast phase copied
   forward to every later phase ("no change after 1dyn"). A useful model beats it.
+- Uncertainty (``comparison``): a 95 % percentile-bootstrap interval of every mean,
+  resampling cases (seeded); paired differences and error ratios of every model
+  against the reference and of iterU-Net against the baseline and the regression
+  model (those present), on the same resampled cases; a verdict sentence per pair,
+  read off the intervals.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dcesynth import figures, metrics
+from dcesynth import comparison, figures, metrics
 from dcesynth.case import Case, find_cases, load_case, load_images, read_meta
+from dcesynth.comparison import REFERENCE_MODEL
 from dcesynth.data.tinorm import TINorm, fit_case_norm
 from dcesynth.io import InputError, atomic_write_bytes, atomic_write_json
 from dcesynth.kinetics import (
@@ -37,8 +43,8 @@ from dcesynth.kinetics import (
     relative_enhancement,
 )
 from dcesynth.pages import LESION_METRICS, cohort_page, evaluation_page
+from dcesynth.stats import LEVEL, RESAMPLES, resample_counts
 
-REFERENCE_MODEL = "copy-1dyn"
 FIRST_PREDICTED = 2
 """Index of the earliest phase a model may predict (2dyn): pre and 1dyn are always inputs."""
 MAX_IMAGE_CASES = 4
@@ -250,7 +256,12 @@ def _aggregate(per_case: dict, model: str) -> dict:
 
 
 def evaluate(
-    data_dir: Path, predictions: dict[str, Path], out_dir: Path, rule: CurveRule = DEFAULT_RULE
+    data_dir: Path,
+    predictions: dict[str, Path],
+    out_dir: Path,
+    rule: CurveRule = DEFAULT_RULE,
+    seed: int = 0,
+    resamples: int = RESAMPLES,
 ) -> dict:
     """Compare each model's predicted phases with the real ones; write metrics.json, index.html.
 
@@ -263,13 +274,17 @@ def evaluate(
         out_dir: report folder; gets ``metrics.json`` and ``index.html``, other files
             in it are left alone. Nothing is written unless everything was computed.
         rule: the curve-type rule.
+        seed: seed of the bootstrap's resampled cases.
+        resamples: number of bootstrap resamples.
 
     Returns:
         The content of metrics.json: ``{"cases", "lesions", "reference_models",
         "models": {NAME: {"per_phase": {"2dyn": {"psnr", "ssim", "enh_error"}, ...},
         "scc", "dtw", "curve_type_agreement", "kinetic_map_agreement",
-        "enh_error_last", "confusion_matrix", "std"}}, "per_case"}``, "std" holding the
-        SDs in the same layout; ``copy-1dyn`` is among the models, as a reference.
+        "enh_error_last", "confusion_matrix", "std"}}, "bootstrap", "paired",
+        "verdicts", "per_case"}``, "std" holding the SDs in the same layout and every
+        scalar ``m`` having its 95 % interval ``m_ci95`` beside it; ``copy-1dyn`` is
+        among the models, as a reference. "paired" and "verdicts": see ``comparison``.
 
     Raises:
         InputError: no models, a reserved model name, a missing prediction folder or
@@ -312,11 +327,22 @@ def evaluate(
     n_lesions = sum(len(record["lesions"]) for record in per_case.values())
     if n_lesions == 0:
         raise InputError(f"{data_dir}: no lesion in any seg.nii.gz; the lesion metrics need one")
+    counts = resample_counts(len(per_case), resamples, seed)
+    samples = {model: comparison.metric_samples(per_case, model) for model in firsts}
+    paired = comparison.paired_block(samples, counts)
     result = {
         "cases": len(per_case),
         "lesions": n_lesions,
         "reference_models": [REFERENCE_MODEL],
-        "models": {model: _aggregate(per_case, model) for model in firsts},
+        "models": {
+            model: comparison.with_intervals(
+                _aggregate(per_case, model), comparison.intervals(samples[model], counts)
+            )
+            for model in firsts
+        },
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "case", "level": LEVEL},
+        "paired": paired,
+        "verdicts": comparison.verdicts(paired, samples),
         "per_case": per_case,
     }
     page = evaluation_page(result, summaries, figures.curve_grid(panels), strips)
