@@ -33,9 +33,10 @@ bench: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python benchmarks/train_step.py
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python benchmarks/inference.py
 
-# The paper's comparison (iterU-Net, baseline, both ablations) with the `cpu` preset.
+# The paper's comparison (iterU-Net, baseline, both ablations) and the regression model,
+# with the `cpu` preset, on a test cohort of at least 125 lesions.
 experiment: $(STAMP)
-	$(BIN)/dcesynth experiment runs/experiment --preset cpu --cases 40
+	$(BIN)/dcesynth experiment runs/experiment --preset cpu
 
 # Offline install for a GPU server with its own torch: every other runtime dependency as
 # wheels, and dcesynth's own, in $(WHEELHOUSE)/. For another Python than this venv's:

@@ -286,13 +286,22 @@ def print_metrics(metrics: dict) -> None:
     """The headline figures as a rich table, then the verdict of each paired comparison."""
     from rich.table import Table
 
-    table = Table(title=f"{metrics['cases']} cases")
-    for column in ("model", "enh. error (last)", "SCC", "DTW", "curve type agr."):
-        table.add_column(column)
+    from dcesynth.comparison import REFERENCE_MODEL
+
+    table = Table(title=f"{metrics['cases']} cases, {metrics['lesions']} lesions")
+    columns = ("model", "enh. error last", "× copy [95 % CI]", "SCC", "DTW", "type agr.")
+    for column in columns:
+        table.add_column(column, no_wrap=True)
     for name, values in metrics["models"].items():
+        to_copy = metrics["paired"].get(f"{name} - {REFERENCE_MODEL}", {}).get("enh_error_last", {})
+        ratio = ""
+        if to_copy.get("ratio") is not None:
+            low, high = to_copy["ratio_ci95"]
+            ratio = f"{to_copy['ratio']:.2f} [{low:.2f}, {high:.2f}]"
         table.add_row(
             name,
             f"{values['enh_error_last']:.4f}",
+            ratio,
             f"{values['scc']:.3f}",
             f"{values['dtw']:.3f}",
             f"{values['curve_type_agreement']:.2f}",
@@ -364,13 +373,29 @@ def print_import_summary(summary, table_class) -> None:
     console.print(table)
 
 
+# Cohort sizes of `demo` and `experiment`: phantom cases are cheap to simulate, and a test
+# cohort needs about 100 lesions before intervals can tell models apart.
+DEMO_TRAIN_CASES, DEMO_TEST_LESIONS = 200, 32
+EXPERIMENT_TRAIN_CASES, EXPERIMENT_TEST_LESIONS = 300, 125
+
 # Each variant is a model of the paper's comparison, as `train` options.
 VARIANTS = {
     "iterunet": {"model": "iterunet"},
     "baseline": {"model": "baseline"},
     "no-warmup": {"model": "iterunet", "no_warmup": True},
     "no-temporal": {"model": "iterunet", "no_temporal": True},
+    "regression": {"model": "regression"},
 }
+
+
+def cases_for_lesions(min_lesions: int, seed: int) -> int:
+    """The fewest phantom cases of cohort ``seed`` that hold at least ``min_lesions`` lesions."""
+    from dcesynth.phantom import plan_cohort
+
+    n_cases = max(1, min_lesions // 2)
+    while sum(len(plan.lesion_types) for plan in plan_cohort(n_cases, seed)) < min_lesions:
+        n_cases += 1
+    return n_cases
 
 
 def run_comparison(
@@ -378,11 +403,13 @@ def run_comparison(
     preset: str,
     variants: list[str],
     train_cases: int,
-    test_cases: int,
+    test_lesions: int,
     shape: tuple[int, int, int],
     seed: int,
 ) -> Path:
     """Simulate train/test cohorts, train each variant, predict the test cases, evaluate.
+
+    The test cohort has the fewest cases that hold ``test_lesions`` lesions.
 
     Writes OUT/data/{train,test}, OUT/cohort/index.html (the training cohort's lesion
     curves by type), OUT/runs/VARIANT, OUT/predictions/VARIANT and OUT/report.
@@ -390,10 +417,12 @@ def run_comparison(
     Every stage is skipped when its output is already there, so an interrupted run
     continues where it stopped (training resumes from its last checkpoint).
     """
+    from dcesynth.train.checkpoint import REGRESSION_FILE
+
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
     for folder, count, cohort_seed in (
         (train_dir, train_cases, seed),
-        (test_dir, test_cases, seed + 1),
+        (test_dir, cases_for_lesions(test_lesions, seed + 1), seed + 1),
     ):
         if not (folder / f"phantom_{count - 1:04d}" / "meta.json").is_file():
             simulate(
@@ -412,14 +441,14 @@ def run_comparison(
     predictions = {}
     for name in variants:
         run_dir = out / "runs" / name
-        done = run_dir / "checkpoints" / "last_state.pt"
+        saved = (run_dir / "checkpoints" / "last_state.pt", run_dir / REGRESSION_FILE)
         options = {"no_warmup": False, "no_temporal": False, **VARIANTS[name]}
         train(
             train_dir,
             out=run_dir,
             preset=preset,
             max_steps=None,
-            resume=done.is_file(),
+            resume=any(path.is_file() for path in saved),
             perceptual_weights=None,
             seed=seed,
             amp=None,
@@ -445,13 +474,13 @@ def demo(
     out: Annotated[Path, typer.Argument(help="Folder for data, runs, predictions, report.")],
     seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
 ) -> None:
-    """Simulate -> train iterU-Net and the baseline -> predict -> evaluate (a few minutes)."""
+    """Simulate -> train iterU-Net, the baseline and the regression -> predict -> evaluate."""
     page = run_comparison(
         out,
         "demo",
-        ["iterunet", "baseline"],
-        train_cases=16,
-        test_cases=6,
+        ["iterunet", "baseline", "regression"],
+        train_cases=DEMO_TRAIN_CASES,
+        test_lesions=DEMO_TEST_LESIONS,
         shape=(64, 64, 32),
         seed=seed,
     )
@@ -463,16 +492,19 @@ def demo(
 def experiment(
     out: Annotated[Path, typer.Argument(help="Folder for data, runs, predictions, report.")],
     preset: Annotated[str, typer.Option(help="Training preset of every model.")] = "cpu",
-    cases: Annotated[int, typer.Option(help="Training cases (plus 25 % test cases).")] = 40,
+    cases: Annotated[int, typer.Option(help="Training cases.")] = EXPERIMENT_TRAIN_CASES,
+    test_lesions: Annotated[
+        int, typer.Option(help="Lesions of the test cohort (its cases follow).")
+    ] = EXPERIMENT_TEST_LESIONS,
     seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
 ) -> None:
-    """The paper's comparison: iterU-Net, baseline and both ablations on one cohort."""
+    """The paper's comparison: iterU-Net, baseline, both ablations and the regression model."""
     page = run_comparison(
         out,
         preset,
         list(VARIANTS),
         train_cases=cases,
-        test_cases=max(2, cases // 4),
+        test_lesions=test_lesions,
         shape=(64, 64, 32),
         seed=seed,
     )
