@@ -27,6 +27,11 @@ from test_infer import make_case, make_run
 from test_train import cohort  # noqa: F401 (a fixture)
 
 
+def read_tensors(path) -> dict:
+    """A weights file's tensors as copies, so that the file itself can then be overwritten."""
+    return {key: value.clone() for key, value in load_file(path).items()}
+
+
 def cli(*args):
     return CliRunner().invoke(app, [str(arg) for arg in args])
 
@@ -120,7 +125,7 @@ def test_train_evaluate_import_refuse_out_equal_to_their_input(tmp_path, data, r
 def test_nan_weights_are_refused_naming_the_file_without_fallback(tmp_path, data, run_dir):
     last = run_dir / "checkpoints" / "last.safetensors"
     best = run_dir / "checkpoints" / "best.safetensors"
-    tensors = load_file(last)
+    tensors = read_tensors(last)
     save_file({key: value * np.nan for key, value in tensors.items()}, best)
     line = error_line(cli("predict", run_dir, data, "--out", tmp_path / "out"))
     assert line.startswith(f"error: {best}: weights hold NaN or infinite values")
@@ -129,7 +134,7 @@ def test_nan_weights_are_refused_naming_the_file_without_fallback(tmp_path, data
 
 def test_non_finite_prediction_is_refused_naming_the_run_and_not_written(tmp_path, data, run_dir):
     weights = run_dir / "checkpoints" / "last.safetensors"
-    tensors = load_file(weights)
+    tensors = read_tensors(weights)
     for key in tensors:
         if key.endswith("final_conv.weight"):  # finite weights whose output overflows
             tensors[key] = tensors[key] * 1e37
@@ -180,7 +185,7 @@ def test_run_config_naming_an_unknown_model_is_one_error_line(tmp_path, data, ru
 
 def test_weights_metadata_n_targets_not_a_number_is_one_error_line(tmp_path, data, run_dir):
     weights = run_dir / "checkpoints" / "last.safetensors"
-    save_file(load_file(weights), weights, metadata={"n_targets": "abc"})
+    save_file(read_tensors(weights), weights, metadata={"n_targets": "abc"})
     line = error_line(cli("predict", run_dir, data, "--out", tmp_path / "out"))
     assert line == f"error: {weights}: metadata n_targets must be a positive integer, got 'abc'"
 

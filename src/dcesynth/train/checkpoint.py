@@ -92,6 +92,9 @@ def load_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad file
         raise InputError(f"{path}: cannot read checkpoint ({exc.__class__.__name__})") from exc
+    if not isinstance(state, dict) or not {"step", "best"} <= state.keys():
+        raise InputError(f"{path}: not a training state (no step and best)")
+    return state
