@@ -6,6 +6,7 @@ One row per kind of damage; nothing is written where the command would have writ
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import shutil
 
@@ -49,6 +50,14 @@ def not_nifti(case_dir, name):
     (case_dir / f"{name}.nii.gz").write_text("this is not an image")
 
 
+def bad_datatype(case_dir, name):
+    """An unknown NIfTI datatype code, which nibabel also logs on stderr by itself."""
+    path = case_dir / f"{name}.nii.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[70:72] = (272).to_bytes(2, "little")
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
 def with_inf(case_dir, name):
     image = make_case().phases[1].copy()
     image[2, 2, 2] = np.inf
@@ -71,6 +80,7 @@ CASE_DAMAGE = [
     (delete, "2dyn.nii.gz", "file not found"),
     (truncate, "1dyn.nii.gz", "cannot read NIfTI"),
     (not_nifti, "pre.nii.gz", "cannot read NIfTI"),
+    (bad_datatype, "1dyn.nii.gz", "cannot read NIfTI"),
     (with_nan, "2dyn.nii.gz", "NaN"),
     (with_inf, "1dyn.nii.gz", "infinite"),
     (two_d, "3dyn.nii.gz", "expected a 3-D image"),

@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -355,3 +357,18 @@ def test_train_warning_goes_to_the_log_and_never_before_an_error(cohort, tmp_pat
     # The perceptual-loss warning is logged while the model is built, before this error.
     line = error_line(cli("train", cohort, "--out", run, "--resume", "--max-steps", 2))
     assert line.startswith(f"error: {weights}: cannot read weights")
+
+
+def test_a_real_process_given_a_damaged_header_prints_one_line(tmp_path, data, run_dir):
+    from test_bad_inputs import bad_datatype
+
+    bad_datatype(data / "case_a", "1dyn")
+    command = [sys.executable, "-m", "dcesynth", "predict", run_dir, data / "case_a"]
+    result = subprocess.run(
+        [*map(str, command), "--out", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {data / 'case_a' / '1dyn.nii.gz'}: cannot read NIfTI "
+        "(HeaderDataError: data code 272 not recognized)"
+    ]

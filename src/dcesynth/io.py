@@ -7,6 +7,7 @@ NIfTI is read and written through nibabel. Compressed files are gzipped here wit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -78,8 +79,28 @@ def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     atomic_write_bytes(path, nifti_bytes(array, affine, compress=path.name.endswith(".gz")))
 
 
-NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+NIFTI_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+    nib.spatialimages.ImageDataError,
+)
 """What nibabel raises for a missing, damaged or foreign file."""
+
+
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Silence nibabel's own stderr log of header problems: the InputError reports them."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _unreadable(path: Path, exc: Exception) -> InputError:
@@ -92,7 +113,8 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return nib.load(path)
+        with _nibabel_quiet():
+            return nib.load(path)
     except NIFTI_ERRORS as exc:
         raise _unreadable(path, exc) from exc
 
@@ -117,7 +139,8 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """
     image = _open_nifti(path)
     try:
-        data = np.asanyarray(image.dataobj)
+        with _nibabel_quiet():
+            data = np.asanyarray(image.dataobj)
     except NIFTI_ERRORS as exc:
         raise _unreadable(path, exc) from exc
     data = np.squeeze(data) if data.ndim > 3 and all(n == 1 for n in data.shape[3:]) else data
