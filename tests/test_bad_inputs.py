@@ -211,10 +211,11 @@ def test_predict_bad_run(tmp_path, data, run_dir, damage):
     [
         (["--inputs", "1dyn,2dyn"], "--inputs: expected pre,1dyn"),
         (["--times", "0,85,85"], "--times: times must be strictly increasing"),
+        (["--overlap", "1"], "--overlap: must be at least 0 and below 1, got 1"),
         (["--out", "{file}/p"], "is a file"),
         (["--out", "{file}"], "is a file"),
     ],
-    ids=["inputs", "times", "out-under-a-file", "out-is-a-file"],
+    ids=["inputs", "times", "overlap", "out-under-a-file", "out-is-a-file"],
 )
 def test_predict_bad_option(tmp_path, data, run_dir, options, problem):
     (tmp_path / "afile").write_text("x")

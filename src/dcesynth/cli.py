@@ -148,6 +148,8 @@ def simulate(
 
     if cases < 1:
         raise InputError(f"--cases: need at least 1 case, got {cases}")
+    if seed < 0:
+        raise InputError(f"--seed: must be 0 or more, got {seed}")
     config = PhantomConfig(
         shape=tuple(shape), times_s=tuple(parse_times(times) or PhantomConfig.times_s)
     )
@@ -308,6 +310,8 @@ def predict(
     )
     from dcesynth.io import check_output_dir
 
+    if not 0 <= overlap < 1:
+        raise InputError(f"--overlap: must be at least 0 and below 1, got {overlap:g}")
     folders = expand_cases(cases)
     check_out_apart_from_inputs(out, [*cases, *folders])
     check_output_dir(out, "--out")
