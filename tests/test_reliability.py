@@ -7,8 +7,10 @@ checks made before work starts (output paths, disk space, memory).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,6 +176,29 @@ def test_evaluate_out_under_a_regular_file_is_refused(tmp_path, data, run_dir):
         cli("evaluate", data, "--pred", f"tiny={pred}", "--out", tmp_path / "afile" / "rep")
     )
     assert f"{tmp_path / 'afile'} is a file" in line
+
+
+def test_predict_into_a_read_only_folder_is_refused_before_any_work(
+    tmp_path, data, run_dir, monkeypatch
+):
+    # Root writes anywhere despite chmod, so the folder's permissions are faked.
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != tmp_path and access(path, mode))
+    no_prediction(monkeypatch)
+    line = error_line(cli("predict", run_dir, data, "--out", tmp_path / "out"))
+    assert line.endswith(f"output folder is not writable ({tmp_path} is read-only)")
+
+
+def test_a_full_disk_while_writing_is_one_error_line_and_leaves_nothing(
+    tmp_path, data, run_dir, monkeypatch
+):
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("dcesynth.infer.save_nifti", full)
+    result = cli("predict", run_dir, data, "--out", tmp_path / "out")
+    assert error_line(result).endswith("2dyn.nii.gz: No space left on device")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_run_config_naming_an_unknown_model_is_one_error_line(tmp_path, data, run_dir):
