@@ -46,6 +46,12 @@ def assert_one_error(result, *fragments: str) -> None:
         assert fragment in line
 
 
+def with_out(options: list[str], tmp_path) -> list[str]:
+    """``options`` with ``{tmp}`` filled in, and ``--out tmp/out`` unless they give one."""
+    options = [option.format(tmp=tmp_path) for option in options]
+    return options if "--out" in options else [*options, "--out", str(tmp_path / "out")]
+
+
 def not_nifti(case_dir, name):
     (case_dir / f"{name}.nii.gz").write_text("this is not an image")
 
@@ -212,17 +218,14 @@ def test_predict_bad_run(tmp_path, data, run_dir, damage):
         (["--inputs", "1dyn,2dyn"], "--inputs: expected pre,1dyn"),
         (["--times", "0,85,85"], "--times: times must be strictly increasing"),
         (["--overlap", "1"], "--overlap: must be at least 0 and below 1, got 1"),
-        (["--out", "{file}/p"], "is a file"),
-        (["--out", "{file}"], "is a file"),
+        (["--out", "{tmp}/afile/p"], "is a file"),
+        (["--out", "{tmp}/afile"], "is a file"),
     ],
     ids=["inputs", "times", "overlap", "out-under-a-file", "out-is-a-file"],
 )
 def test_predict_bad_option(tmp_path, data, run_dir, options, problem):
     (tmp_path / "afile").write_text("x")
-    options = [o.format(file=tmp_path / "afile") for o in options]
-    if "--out" not in options:
-        options += ["--out", str(tmp_path / "out")]
-    assert_one_error(cli("predict", run_dir, data, *options), problem)
+    assert_one_error(cli("predict", run_dir, data, *with_out(options, tmp_path)), problem)
     assert not (tmp_path / "out").exists()
 
 
@@ -339,11 +342,8 @@ def test_train_resume_bad_checkpoint(tmp_path, data, trained, damage, problem, m
 )
 def test_train_bad_option(tmp_path, data, options, problem):
     (tmp_path / "afile").write_text("x")
-    options = [o.format(tmp=tmp_path) for o in options]
-    if "--out" not in options:
-        options += ["--out", str(tmp_path / "run")]
-    assert_one_error(cli("train", data, "--max-steps", 1, *options), problem)
-    assert not (tmp_path / "run").exists()
+    assert_one_error(cli("train", data, "--max-steps", 1, *with_out(options, tmp_path)), problem)
+    assert not (tmp_path / "out").exists()
 
 
 # --- import ----------------------------------------------------------------------------
@@ -399,9 +399,7 @@ def test_import_bad_case(tmp_path, damage, file, problem):
 def test_import_bad_option(tmp_path, options, problem):
     reference_source(tmp_path)
     (tmp_path / "afile").write_text("x")
-    options = [o.format(tmp=tmp_path) for o in options]
-    if "--out" not in options:
-        options += ["--out", str(tmp_path / "out")]
+    options = with_out(options, tmp_path)
     assert_one_error(cli("import", "reference", tmp_path / "src", *options), problem)
     assert not (tmp_path / "out").exists()
 

@@ -89,23 +89,28 @@ def assert_no_partial_output(out: Path, raised: bool) -> None:
         load_case(folder)
 
 
-REFERENCE_FILES = [f"{name}.nii.gz" for name in ("pre", "1dyn", "3dyn", "5dyn", "seg", "roi")]
+def import_damaged(kind: str, write_source, hit) -> None:
+    """Write a one-case source, damage one file of it, import it into a fresh folder."""
+    name, how, where, byte = hit
+    with tempfile.TemporaryDirectory() as root:
+        src, out = Path(root) / "src", Path(root) / "out"
+        write_source(src)
+        damage(src / name, how, where, byte)
+        try:
+            import_cohort(kind, src, out)
+        except InputError:
+            assert_no_partial_output(out, raised=True)
+        else:
+            assert_no_partial_output(out, raised=False)
+
+
+REFERENCE_FILES = [f"P_01/{name}.nii.gz" for name in ("pre", "1dyn", "3dyn", "5dyn", "seg", "roi")]
 
 
 @FEW
 @given(damages(REFERENCE_FILES))
 def test_reference_import_of_a_damaged_case_never_crashes_or_leaves_partial_output(hit):
-    name, kind, where, byte = hit
-    with tempfile.TemporaryDirectory() as root:
-        src, out = Path(root) / "src", Path(root) / "out"
-        _write_reference(src, "damaged")
-        damage(src / "damaged" / name, kind, where, byte)
-        try:
-            import_cohort("reference", src, out)
-        except InputError:
-            assert_no_partial_output(out, raised=True)
-        else:
-            assert_no_partial_output(out, raised=False)
+    import_damaged("reference", lambda src: _write_reference(src, "P_01"), hit)
 
 
 MAMAMIA_FILES = [
@@ -120,17 +125,8 @@ MAMAMIA_FILES = [
 @FEW
 @given(damages(MAMAMIA_FILES))
 def test_mamamia_import_of_a_damaged_case_never_crashes_or_leaves_partial_output(hit):
-    name, kind, where, byte = hit
-    with tempfile.TemporaryDirectory() as root:
-        src, out = Path(root) / "src", Path(root) / "out"
-        _write_mamamia(src, "P_01", 3, {"acquisition_times": [0, 90, 180]})
-        damage(src / name, kind, where, byte)
-        try:
-            import_cohort("mama-mia", src, out)
-        except InputError:
-            assert_no_partial_output(out, raised=True)
-        else:
-            assert_no_partial_output(out, raised=False)
+    times = {"acquisition_times": [0, 90, 180]}
+    import_damaged("mama-mia", lambda src: _write_mamamia(src, "P_01", 3, times), hit)
 
 
 @pytest.mark.parametrize("kind", KINDS)
