@@ -116,7 +116,7 @@ def prediction_needs(
 
 
 def check_memory(where: str, needed_bytes: int) -> None:
-    """Refuse work whose estimated memory exceeds what is available now."""
+    """Refuse a prediction whose estimated memory exceeds what is available now."""
     available = available_memory_bytes()
     if available is not None and needed_bytes > available:
         raise InputError(
