@@ -109,6 +109,14 @@ def test_predictions_may_go_into_a_subfolder_of_the_run(tmp_path, data, run_dir)
     assert (run_dir / "predictions" / "case_a" / "5dyn.nii.gz").is_file()
 
 
+def test_predict_into_another_data_folder_is_refused_and_its_cases_kept(tmp_path, data, run_dir):
+    other = save_case(dataclasses.replace(make_case(), case_id="case_a"), tmp_path / "other")
+    before = tree_digest(other.parent)
+    line = error_line(cli("predict", run_dir, data / "case_a", "--out", other.parent))
+    assert line.endswith("holds the case case_a; predictions would replace it")
+    assert tree_digest(other.parent) == before
+
+
 def test_train_evaluate_import_refuse_out_equal_to_their_input(tmp_path, data, run_dir):
     pred = predictions(tmp_path, run_dir, data)
     _write_reference(tmp_path / "src", "patient_01")

@@ -297,6 +297,7 @@ def predict(
     from dcesynth.case import load_case
     from dcesynth.guards import (
         check_disk_space,
+        check_holds_no_cases,
         check_memory,
         check_out_apart_from_inputs,
         prediction_needs,
@@ -315,6 +316,7 @@ def predict(
     folders = expand_cases(cases)
     check_out_apart_from_inputs(out, [*cases, *folders])
     check_output_dir(out, "--out")
+    check_holds_no_cases(out)
     n_inputs = len(input_names(inputs))
     protocol = parse_times(times)
     loaded = load_run(run)

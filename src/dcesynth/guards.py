@@ -44,6 +44,18 @@ def check_out_apart_from_inputs(
             raise InputError(f"{option} {out}: contains the input {source}")
 
 
+def check_holds_no_cases(out: Path, option: str = "--out") -> None:
+    """Refuse an output folder holding case folders: predictions would replace them."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for child in sorted(out.iterdir()):
+        if (child / "meta.json").is_file():
+            raise InputError(
+                f"{option} {out}: holds the case {child.name}; predictions would replace it"
+            )
+
+
 def free_disk_bytes(path: Path) -> int:
     """Free bytes on the disk that holds (or will hold) ``path``."""
     return shutil.disk_usage(nearest_existing(path)).free
