@@ -34,7 +34,7 @@ from test_case import (
     with_nan,
     write_image,
 )
-from test_importers import _write_reference
+from test_importers import _write_mamamia, _write_reference
 from test_infer import make_run
 from test_reliability import cli, error_line, read_tensors
 from test_train import tiny
@@ -382,6 +382,44 @@ def test_import_bad_case(tmp_path, damage, file, problem):
     damage(case_dir, file.split(".")[0])
     result = cli("import", "reference", tmp_path / "src", "--out", tmp_path / "out")
     named = case_dir if problem.endswith("missing") else case_dir / file
+    assert_one_error(result, str(named), problem)
+    assert not (tmp_path / "out").exists()
+
+
+def mamamia_json_not_json(src):
+    (src / "patient_info_files" / "p_01.json").write_text("{")
+    return src / "patient_info_files" / "p_01.json", "invalid JSON"
+
+
+def mamamia_times_not_numbers(src):
+    (src / "patient_info_files" / "p_01.json").write_text('{"acquisition_times": ["soon"]}')
+    return src / "patient_info_files" / "p_01.json", "expected numbers"
+
+
+def mamamia_truncated_phase(src):
+    truncate(src / "images" / "P_01", "p_01_0002")
+    return src / "images" / "P_01" / "p_01_0002.nii.gz", "cannot read NIfTI"
+
+
+def mamamia_seg_missing(src):
+    (src / "segmentations" / "expert" / "p_01.nii.gz").unlink()
+    return "P_01", "expert segmentation segmentations/expert/p_01.nii.gz missing"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        mamamia_json_not_json,
+        mamamia_times_not_numbers,
+        mamamia_truncated_phase,
+        mamamia_seg_missing,
+    ],
+)
+def test_import_mamamia_bad_case(tmp_path, damage):
+    src = tmp_path / "src"
+    _write_mamamia(src, "P_01", 3, {"acquisition_times": [0, 90, 180]})
+    named, problem = damage(src)
+    result = cli("import", "mama-mia", src, "--out", tmp_path / "out")
     assert_one_error(result, str(named), problem)
     assert not (tmp_path / "out").exists()
 
