@@ -25,9 +25,14 @@ from typer.testing import CliRunner
 from dcesynth import guards
 from dcesynth.case import save_case
 from dcesynth.cli import app
+from dcesynth.config import preset
 from dcesynth.data.importers import NothingImportedError, import_cohort
+from dcesynth.io import atomic_write_json
+from dcesynth.regression import RegressionModel
+from dcesynth.train.checkpoint import REGRESSION_FILE
 from test_importers import _write_mamamia, _write_reference
 from test_infer import make_case, make_run
+from test_regression import fitted, law_case
 from test_train import cohort  # noqa: F401 (a fixture)
 
 
@@ -156,6 +161,20 @@ def test_non_finite_prediction_is_refused_naming_the_run_and_not_written(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_non_finite_regression_prediction_is_refused_naming_the_run(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    fitted([law_case(0), law_case(1)]).save(run / REGRESSION_FILE)
+    atomic_write_json(run / "config.json", preset("demo", model="regression").to_json())
+    case_dir = save_case(law_case(2, "case_r"), tmp_path / "data")
+    monkeypatch.setattr(
+        RegressionModel, "predict_case", lambda self, case: np.full((2, *case.shape), np.nan)
+    )
+    line = error_line(cli("predict", run, case_dir, "--out", tmp_path / "out"))
+    assert line == f"error: {run}: the prediction of case_r holds NaN or infinite voxels"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("steps", [0, -1])
 def test_train_max_steps_below_1_is_refused_before_any_work(tmp_path, data, steps):
     line = error_line(cli("train", data, "--out", tmp_path / "run", "--max-steps", steps))
@@ -174,7 +193,7 @@ def test_predict_out_under_a_regular_file_is_refused_before_any_work(
     no_prediction(monkeypatch)
     line = error_line(cli("predict", run_dir, data, "--out", tmp_path / below))
     assert f"{tmp_path / 'afile'} is a file" in line
-    assert (tmp_path / "afile").read_text() == "notes"
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "notes"
 
 
 def test_evaluate_out_under_a_regular_file_is_refused(tmp_path, data, run_dir):
@@ -211,7 +230,7 @@ def test_a_full_disk_while_writing_is_one_error_line_and_leaves_nothing(
 
 def test_run_config_naming_an_unknown_model_is_one_error_line(tmp_path, data, run_dir):
     path = run_dir / "config.json"
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     config["model"]["name"] = "transformer"
     path.write_text(json.dumps(config))
     line = error_line(cli("predict", run_dir, data, "--out", tmp_path / "out"))
@@ -269,7 +288,7 @@ def test_evaluate_scores_the_cases_it_kept_and_says_how_many_it_skipped(tmp_path
     line = error_line(result, code=3)
     assert line == f"error: {pred / 'case_b' / '3dyn.nii.gz'}: predicted phase not found"
     assert "1 written, 1 skipped" in result.stdout
-    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["cases"] == 1 and list(metrics["per_case"]) == ["case_a"]
     assert list(metrics["skipped"]) == ["case_b"]
 

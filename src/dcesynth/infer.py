@@ -59,12 +59,13 @@ class Prediction:
 
 @dataclass
 class LoadedRun:
-    """A trained model ready for prediction."""
+    """A trained model ready for prediction, with the run folder it came from."""
 
     model: torch.nn.Module | RegressionModel
     config: RunConfig
     device: torch.device
     weights: Path
+    run_dir: Path
 
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
@@ -73,7 +74,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     config = RunConfig.load(run_dir)
     if config.model.name == "regression":
         path = run_dir / REGRESSION_FILE
-        return LoadedRun(RegressionModel.load(path), config, torch.device("cpu"), path)
+        return LoadedRun(RegressionModel.load(path), config, torch.device("cpu"), path, run_dir)
     weights = next(
         (
             p
@@ -95,7 +96,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     except (ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from exc
     load_weights(weights, model)
-    return LoadedRun(model.to(device).eval(), config, device, weights)
+    return LoadedRun(model.to(device).eval(), config, device, weights, run_dir)
 
 
 def input_names(text: str) -> list[str]:
@@ -207,7 +208,7 @@ def predict_case(
     names = parse_inputs(inputs, case)
     targets = target_times(case, len(names), times_s)
     if isinstance(run.model, RegressionModel):
-        return _predict_regression(run.model, case, names, targets, on_windows)
+        return _finite(run, case, _predict_regression(run.model, case, names, targets, on_windows))
     model_targets = targets
     if run.config.model.name == "baseline":
         # The baseline maps pre + 1dyn to every later phase; observed ones are dropped.
@@ -241,12 +242,7 @@ def predict_case(
     phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is refused below
         phases[(slice(None), *box)] = norm.inverse(output[0].cpu().numpy())
-    if not np.isfinite(phases).all():
-        run_dir = run.weights.parent.parent
-        raise InputError(
-            f"{run_dir}: the prediction of {case.case_id} holds NaN or infinite voxels"
-        )
-    return Prediction(
+    prediction = Prediction(
         phases=phases,
         names=phase_names(first + len(targets))[first:],
         times_s=list(case.times_s[:first]) + targets,
@@ -255,6 +251,16 @@ def predict_case(
         windows_skipped=predictor.skipped,
         region=region,
     )
+    return _finite(run, case, prediction)
+
+
+def _finite(run: LoadedRun, case: Case, prediction: Prediction) -> Prediction:
+    """``prediction`` when every voxel is finite; an InputError naming the run otherwise."""
+    if not np.isfinite(prediction.phases).all():
+        raise InputError(
+            f"{run.run_dir}: the prediction of {case.case_id} holds NaN or infinite voxels"
+        )
+    return prediction
 
 
 def _predict_regression(
