@@ -189,7 +189,7 @@ def bad_config(run):
 
 def unknown_model(run):
     path = run / "config.json"
-    path.write_text(path.read_text().replace('"iterunet"', '"vit"'))
+    path.write_text(path.read_text(encoding="utf-8").replace('"iterunet"', '"vit"'))
     return "cannot build the model"
 
 
