@@ -36,8 +36,16 @@ def test_simulate_takes_any_protocol(tmp_path):
         (["--times", "0,85,soon"], "error: --times: expected comma-separated seconds"),
         (["--times", "10,85,155"], "error: --times: the pre-contrast phase must be at 0 s"),
         (["--shape", "32", "32", "15"], "error: --shape: must be at least (32, 32, 16)"),
+        (["--seed", "-1"], "error: --seed: must be 0 or more, got -1"),
     ],
-    ids=["no-cases", "repeated-time", "not-a-number", "pre-not-at-0", "shape-too-small"],
+    ids=[
+        "no-cases",
+        "repeated-time",
+        "not-a-number",
+        "pre-not-at-0",
+        "shape-too-small",
+        "negative-seed",
+    ],
 )
 def test_simulate_bad_option_exits_2_with_one_error_line(tmp_path, args, problem):
     out = tmp_path / "cohort"

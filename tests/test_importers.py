@@ -287,7 +287,7 @@ def test_case_ids_select_cases_ignoring_case_and_report_unknown_ones(tmp_path):
         progress=lambda *args: calls.append(args),
     )
     assert summary.written == ["B", "a"]
-    assert summary.skipped == [("zz", f"not found in {tmp_path / 'src'}")]
+    assert summary.skipped == [("zz", f"--cases zz: not found in {tmp_path / 'src'}")]
     assert calls == [("B", 1, 2), ("a", 2, 2)]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["B", "a"]
 

@@ -238,12 +238,24 @@ def load_case(case_dir: Path) -> Case:
     )
 
 
+def is_case_folder(folder: Path) -> bool:
+    """A folder holding a meta.json, or NIfTI images without one (an incomplete case)."""
+    folder = Path(folder)
+    return (folder / "meta.json").is_file() or (folder.is_dir() and any(folder.glob("*.nii*")))
+
+
 def find_cases(data_dir: Path) -> list[Path]:
-    """Case folders (those holding a meta.json) directly under ``data_dir``, sorted by name."""
+    """Case folders directly under ``data_dir`` (see ``is_case_folder``), sorted by name.
+
+    A folder of images without meta.json is listed too, so that ``load_case`` reports
+    it rather than it being left out unseen; hidden folders (a case being written) are not.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: data folder not found")
-    cases = sorted(p for p in data_dir.iterdir() if (p / "meta.json").is_file())
+    cases = sorted(
+        p for p in data_dir.iterdir() if not p.name.startswith(".") and is_case_folder(p)
+    )
     if not cases:
         raise InputError(f"{data_dir}: no case folders (with meta.json) found")
     return cases

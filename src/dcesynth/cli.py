@@ -1,12 +1,16 @@
 """The `dcesynth` command line: one command per stage; each parses, calls the library, prints.
 
-Bad input ends with exit code 2 and one ``error: ...`` line on stderr.
+Bad input ends with exit code 2 and one ``error: ...`` line on stderr (``--debug``
+shows the traceback instead). A multi-case command (predict, evaluate, import) skips
+a bad case with one ``error:`` line, finishes the others, prints ``N written, M
+skipped`` and exits 3 when it skipped any (2 when it wrote none).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,21 +34,68 @@ app = typer.Typer(
     help="Synthesize delayed-phase breast DCE-MRI and kinetic curves (iterU-Net).",
 )
 console = Console(stderr=True)
+debug_mode = {"on": False}
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
+    """Options of every command."""
+    debug_mode["on"] = debug
+
+
+def print_error(exc: Exception | str) -> None:
+    """One ``error:`` line on stderr."""
+    print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
 
 
 def exits_on_input_error(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn InputError into one `error:` line on stderr and exit code 2."""
+    """Turn InputError and OS errors (a full disk, a read-only folder) into one line, exit 2.
+
+    Python warnings raised meanwhile are shown after the command, so that an `error:`
+    line is always the first line on stderr.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        caught: list[warnings.WarningMessage] = []
         try:
-            return command(*args, **kwargs)
-        except InputError as exc:
-            message = " ".join(str(exc).split())
-            print(f"error: {message}", file=sys.stderr)
+            with warnings.catch_warnings(record=True) as caught:
+                return command(*args, **kwargs)
+        except (InputError, OSError) as exc:
+            if debug_mode["on"]:
+                raise
+            if isinstance(exc, InputError):
+                print_error(exc)
+            else:
+                print_error(f"{exc.filename or 'output'}: {exc.strerror or exc}")
             raise typer.Exit(code=2) from None
+        finally:
+            for message in caught:
+                warnings.showwarning(
+                    message.message, message.category, message.filename, message.lineno
+                )
 
     return wrapper
+
+
+class CaseTally:
+    """Cases a multi-case command wrote or skipped; each skip prints its `error:` line."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.skipped = 0
+
+    def skip(self, exc: Exception | str) -> None:
+        print_error(exc)
+        self.skipped += 1
+
+    def finish(self, what: str) -> None:
+        """The summary line on stdout; exit 3 when a case was skipped, 2 when none written."""
+        print(f"{self.written} written, {self.skipped} skipped ({what})")
+        if self.skipped:
+            raise typer.Exit(code=3 if self.written else 2)
 
 
 def parse_times(text: str | None) -> list[float] | None:
@@ -61,6 +112,7 @@ def parse_times(text: str | None) -> list[float] | None:
 
 
 def progress_bar() -> Progress:
+    """A progress bar on stderr, shown only on a terminal (so that `error:` lines come first)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -69,6 +121,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -95,6 +148,8 @@ def simulate(
 
     if cases < 1:
         raise InputError(f"--cases: need at least 1 case, got {cases}")
+    if seed < 0:
+        raise InputError(f"--seed: must be 0 or more, got {seed}")
     config = PhantomConfig(
         shape=tuple(shape), times_s=tuple(parse_times(times) or PhantomConfig.times_s)
     )
@@ -145,8 +200,14 @@ def train(
     import logging
 
     from dcesynth.config import preset as make_preset
+    from dcesynth.guards import check_out_apart_from_inputs
+    from dcesynth.io import check_output_dir
     from dcesynth.train.trainer import Trainer
 
+    if max_steps is not None and max_steps < 1:
+        raise InputError(f"--max-steps: must be at least 1, got {max_steps}")
+    check_out_apart_from_inputs(out, [data, perceptual_weights])
+    check_output_dir(out, "--out")
     config = make_preset(preset, model=model, temporal=not no_temporal, warmup=not no_warmup)
     overrides = {k: v for k, v in (("seed", seed), ("amp", amp)) if v is not None}
     if overrides:
@@ -158,7 +219,8 @@ def train(
     if config.model.name == "regression":
         train_regression_run(data, out, config, resume)
         return
-    setup_logging()
+    # Held until the run is set up: a warning must not come before an `error:` line.
+    setup_logging(hold=True)
     trainer = Trainer(data, out, config, resume=resume, perceptual_weights=perceptual_weights)
     with trainer:
         show = trainer.rank == 0
@@ -210,11 +272,11 @@ def train_regression_run(data: Path, out: Path, config, resume: bool) -> None:
 
 def expand_cases(paths: list[Path]) -> list[Path]:
     """Case folders from the arguments: a case folder itself, or a folder of cases."""
-    from dcesynth.case import find_cases
+    from dcesynth.case import find_cases, is_case_folder
 
     out: list[Path] = []
     for path in paths:
-        out.extend([path] if (path / "meta.json").is_file() else find_cases(path))
+        out.extend([path] if is_case_folder(path) else find_cases(path))
     return out
 
 
@@ -233,32 +295,69 @@ def predict(
 ) -> None:
     """Synthesize the delayed phases of whole cases, plus a kinetic colour map."""
     from dcesynth.case import load_case
-    from dcesynth.infer import load_run, predict_case, progress_units, write_prediction
+    from dcesynth.guards import (
+        check_disk_space,
+        check_holds_no_cases,
+        check_memory,
+        check_out_apart_from_inputs,
+        prediction_needs,
+    )
+    from dcesynth.infer import (
+        input_names,
+        load_run,
+        predict_case,
+        progress_units,
+        write_prediction,
+    )
+    from dcesynth.io import check_output_dir
 
-    loaded = load_run(run)
+    if not 0 <= overlap < 1:
+        raise InputError(f"--overlap: must be at least 0 and below 1, got {overlap:g}")
     folders = expand_cases(cases)
+    check_out_apart_from_inputs(out, [*cases, *folders])
+    check_output_dir(out, "--out")
+    check_holds_no_cases(out)
+    n_inputs = len(input_names(inputs))
     protocol = parse_times(times)
+    loaded = load_run(run)
+    tally = CaseTally()
+    planned, disk_bytes = [], 0
+    for folder in folders:
+        try:
+            case_disk, case_memory = prediction_needs(folder, n_inputs, protocol)
+            check_memory(str(folder), case_memory)
+        except InputError as exc:
+            tally.skip(exc)
+            continue
+        planned.append(folder)
+        disk_bytes += case_disk
+    check_disk_space(out, disk_bytes)
     with progress_bar() as bar:
-        for folder in folders:
-            case = load_case(folder)
-            total = progress_units(loaded, case, overlap)
-            task = bar.add_task(f"predict {case.case_id}", total=total, status="")
-            prediction = predict_case(
-                loaded,
-                case,
-                inputs=inputs,
-                times_s=protocol,
-                overlap=overlap,
-                amp=amp,
-                on_windows=lambda n, task=task: bar.advance(task, n),
-            )
+        for folder in planned:
+            try:
+                case = load_case(folder)
+                total = progress_units(loaded, case, overlap)
+                task = bar.add_task(f"predict {case.case_id}", total=total, status="")
+                prediction = predict_case(
+                    loaded,
+                    case,
+                    inputs=inputs,
+                    times_s=protocol,
+                    overlap=overlap,
+                    amp=amp,
+                    on_windows=lambda n, task=task: bar.advance(task, n),
+                )
+            except InputError as exc:
+                tally.skip(exc)
+                continue
             write_prediction(case, prediction, out)
+            tally.written += 1
             bar.update(
                 task,
                 status=f"{prediction.windows_run} run, "
                 f"{prediction.windows_skipped} skipped (no ROI)",
             )
-    print(f"wrote {len(folders)} predictions to {out}")
+    tally.finish(f"predictions in {out}")
 
 
 @app.command()
@@ -269,6 +368,9 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Report folder.")],
 ) -> None:
     """Score predictions against the real phases: metrics.json and index.html."""
+    from dcesynth.guards import check_out_apart_from_inputs
+    from dcesynth.io import check_output_dir
+    from dcesynth.report import NothingEvaluatedError
     from dcesynth.report import evaluate as run_evaluation
 
     predictions = {}
@@ -276,10 +378,20 @@ def evaluate(
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise InputError(f"--pred: expected NAME=DIR, got {item!r}")
+        if name in predictions:
+            raise InputError(f"--pred: model name {name!r} given twice")
         predictions[name] = Path(folder)
-    metrics = run_evaluation(data, predictions, out)
+    check_out_apart_from_inputs(out, [data, *predictions.values()])
+    check_output_dir(out, "--out")
+    tally = CaseTally()
+    try:
+        metrics = run_evaluation(data, predictions, out, on_skip=lambda _, exc: tally.skip(exc))
+    except NothingEvaluatedError:
+        tally.finish("no case scored")
+    tally.written = metrics["cases"]
     print_metrics(metrics)
     print(f"report: {out / 'index.html'}")
+    tally.finish(f"cases scored in {out / 'metrics.json'}")
 
 
 def print_metrics(metrics: dict) -> None:
@@ -335,7 +447,11 @@ def import_(
     from rich.table import Table
 
     from dcesynth.data.importers import NothingImportedError, import_cohort
+    from dcesynth.guards import check_out_apart_from_inputs
+    from dcesynth.io import check_output_dir
 
+    check_out_apart_from_inputs(out, [src, roi_dir, mapping, annotations])
+    check_output_dir(out, "--out")
     with progress_bar() as bar:
         task = bar.add_task(f"import {kind}", total=None, status="")
 
@@ -356,13 +472,20 @@ def import_(
                 progress=on_case,
             )
         except NothingImportedError as exc:
-            print_import_summary(exc.summary, Table)
-            raise
-    print_import_summary(summary, Table)
-    print(f"imported {len(summary.written)} cases to {out}")
+            if not exc.summary.skipped:
+                raise
+            summary = exc.summary
+    tally = CaseTally()
+    for _, reason in summary.skipped:
+        tally.skip(reason)
+    tally.written = len(summary.written)
+    if summary.written:
+        print_import_summary(summary, Table)
+    tally.finish(f"cases imported to {out}")
 
 
 def print_import_summary(summary, table_class) -> None:
+    """The cases written and skipped, as a table on stdout."""
     table = table_class(title="import summary")
     table.add_column("case")
     table.add_column("result")
@@ -370,7 +493,7 @@ def print_import_summary(summary, table_class) -> None:
         table.add_row(case_id, "[green]written")
     for case_id, reason in summary.skipped:
         table.add_row(case_id, f"[yellow]skipped:[/] {reason}")
-    console.print(table)
+    Console().print(table)
 
 
 # Cohort sizes of `demo` and `experiment`: phantom cases are cheap to simulate, and a test
@@ -511,20 +634,31 @@ def experiment(
     print(f"experiment done: open {page}")
 
 
-def setup_logging(run_dir: Path | None = None) -> None:
-    """Log to stderr via rich, and to RUN/train.log when a run folder is given."""
+def setup_logging(run_dir: Path | None = None, hold: bool = False) -> None:
+    """Log to stderr via rich, and to RUN/train.log when a run folder is given.
+
+    With ``hold``, records are kept back until the next call, which passes them on to
+    its handlers (the log file included); an error in between drops them.
+    """
     import logging
+    from logging.handlers import MemoryHandler
 
     from rich.logging import RichHandler
 
     logger = logging.getLogger("dcesynth")
     logger.setLevel(logging.INFO)
+    held = [r for h in logger.handlers if isinstance(h, MemoryHandler) for r in h.buffer]
     logger.handlers.clear()
+    if hold:
+        logger.addHandler(MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1))
+        return
     logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
     if run_dir is not None:
         handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+    for record in held:
+        logger.handle(record)
 
 
 def main() -> None:

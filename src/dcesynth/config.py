@@ -122,7 +122,7 @@ class RunConfig:
             raise InputError(f"{path}: not a run folder (config.json missing)")
         try:
             return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{path}: invalid run config ({exc})") from exc
 
 

@@ -59,12 +59,13 @@ class Prediction:
 
 @dataclass
 class LoadedRun:
-    """A trained model ready for prediction."""
+    """A trained model ready for prediction, with the run folder it came from."""
 
     model: torch.nn.Module | RegressionModel
     config: RunConfig
     device: torch.device
     weights: Path
+    run_dir: Path
 
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
@@ -73,7 +74,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     config = RunConfig.load(run_dir)
     if config.model.name == "regression":
         path = run_dir / REGRESSION_FILE
-        return LoadedRun(RegressionModel.load(path), config, torch.device("cpu"), path)
+        return LoadedRun(RegressionModel.load(path), config, torch.device("cpu"), path, run_dir)
     weights = next(
         (
             p
@@ -84,18 +85,31 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     )
     if weights is None:
         raise InputError(f"{run_dir / 'checkpoints'}: no best.safetensors or last.safetensors")
-    n_targets = int(weights_metadata(weights).get("n_targets", 1))
+    text = weights_metadata(weights).get("n_targets", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"{weights}: metadata n_targets must be a positive integer, got {text!r}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config.model.name, config.model.features, config.model.temporal, n_targets)
+    try:
+        model = build_model(
+            config.model.name, config.model.features, config.model.temporal, int(text)
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from exc
     load_weights(weights, model)
-    return LoadedRun(model.to(device).eval(), config, device, weights)
+    return LoadedRun(model.to(device).eval(), config, device, weights, run_dir)
 
 
-def parse_inputs(text: str, case: Case) -> list[str]:
+def input_names(text: str) -> list[str]:
     """``"pre,1dyn"`` -> phase names; they must be pre then consecutive post phases."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if len(names) < 2 or names != phase_names(len(names)):
         raise InputError(f"--inputs: expected pre,1dyn[,2dyn...], got {text!r}")
+    return names
+
+
+def parse_inputs(text: str, case: Case) -> list[str]:
+    """``"pre,1dyn"`` -> phase names (see ``input_names``), all of them in ``case``."""
+    names = input_names(text)
     if len(names) > len(case.times_s):
         raise InputError(f"{case.case_id}: --inputs asks for {names[-1]}, the case ends earlier")
     return names
@@ -186,11 +200,15 @@ def predict_case(
 
     Returns:
         The predicted phases with their names and times, and window counts.
+
+    Raises:
+        InputError: inputs or times that do not fit the case or the model, or a
+            prediction with a non-finite voxel (the message names the run).
     """
     names = parse_inputs(inputs, case)
     targets = target_times(case, len(names), times_s)
     if isinstance(run.model, RegressionModel):
-        return _predict_regression(run.model, case, names, targets, on_windows)
+        return _finite(run, case, _predict_regression(run.model, case, names, targets, on_windows))
     model_targets = targets
     if run.config.model.name == "baseline":
         # The baseline maps pre + 1dyn to every later phase; observed ones are dropped.
@@ -222,8 +240,9 @@ def predict_case(
         )
     first = len(names)
     phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
-    phases[(slice(None), *box)] = norm.inverse(output[0].cpu().numpy())
-    return Prediction(
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is refused below
+        phases[(slice(None), *box)] = norm.inverse(output[0].cpu().numpy())
+    prediction = Prediction(
         phases=phases,
         names=phase_names(first + len(targets))[first:],
         times_s=list(case.times_s[:first]) + targets,
@@ -232,6 +251,16 @@ def predict_case(
         windows_skipped=predictor.skipped,
         region=region,
     )
+    return _finite(run, case, prediction)
+
+
+def _finite(run: LoadedRun, case: Case, prediction: Prediction) -> Prediction:
+    """``prediction`` when every voxel is finite; an InputError naming the run otherwise."""
+    if not np.isfinite(prediction.phases).all():
+        raise InputError(
+            f"{run.run_dir}: the prediction of {case.case_id} holds NaN or infinite voxels"
+        )
+    return prediction
 
 
 def _predict_regression(

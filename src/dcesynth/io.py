@@ -7,6 +7,7 @@ NIfTI is read and written through nibabel. Compressed files are gzipped here wit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -78,6 +79,51 @@ def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     atomic_write_bytes(path, nifti_bytes(array, affine, compress=path.name.endswith(".gz")))
 
 
+NIFTI_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+    nib.spatialimages.ImageDataError,
+)
+"""What nibabel raises for a missing, damaged or foreign file."""
+
+
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Silence nibabel's own stderr log of header problems: the InputError reports them."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(f"{path}: cannot read NIfTI ({exc.__class__.__name__}: {exc})")
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    """The image with its header read, its data not yet; InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        with _nibabel_quiet():
+            return nib.load(path)
+    except NIFTI_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def nifti_shape(path: Path) -> tuple[int, ...]:
+    """The shape in a NIfTI header, read without the data (``load_nifti`` checks the rest)."""
+    return tuple(int(n) for n in _open_nifti(path).shape)
+
+
 def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3-D NIfTI image.
 
@@ -91,14 +137,12 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         InputError: missing, unreadable or truncated file, or not 3-D.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    image = _open_nifti(path)
     try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise InputError(f"{path}: cannot read NIfTI ({exc.__class__.__name__}: {exc})") from exc
+        with _nibabel_quiet():
+            data = np.asanyarray(image.dataobj)
+    except NIFTI_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
     data = np.squeeze(data) if data.ndim > 3 and all(n == 1 for n in data.shape[3:]) else data
     if data.ndim != 3:
         raise InputError(f"{path}: expected a 3-D image, got shape {tuple(data.shape)}")
@@ -127,9 +171,38 @@ def staged_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (absolute)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: Path, option: str | None = None) -> Path:
+    """Check, without creating anything, that ``path`` can be made a folder and written to.
+
+    Args:
+        path: the output folder (need not exist yet).
+        option: the option that named it (``"--out"``), for the message.
+
+    Raises:
+        InputError: ``path`` or one of its ancestors is a file, or the closest existing
+            ancestor is not writable.
+    """
+    path = Path(path)
+    name = f"{option} {path}" if option else str(path)
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        raise InputError(f"{name}: output folder is not writable ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{name}: output folder is not writable ({existing} is read-only)")
+    return path
+
+
 def check_writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and check we can write in it; InputError otherwise."""
-    path = Path(path)
+    path = check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", delete=True)

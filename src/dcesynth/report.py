@@ -23,6 +23,7 @@ What is compared (Chung et al. 2025, Tables 1 and 2; conventions in ``metrics``)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from dcesynth import comparison, figures, metrics
 from dcesynth.case import Case, find_cases, load_case, load_images, read_meta
 from dcesynth.comparison import REFERENCE_MODEL
 from dcesynth.data.tinorm import TINorm, fit_case_norm
-from dcesynth.io import InputError, atomic_write_bytes, atomic_write_json
+from dcesynth.io import InputError, atomic_write_bytes, atomic_write_json, check_output_dir
 from dcesynth.kinetics import (
     DEFAULT_RULE,
     CurveRule,
@@ -51,29 +52,38 @@ MAX_IMAGE_CASES = 4
 MAX_CURVE_PANELS = 48
 
 
-def _first_predicted(predictions: dict[str, Path], case_dirs: list[Path]) -> dict[str, int]:
-    """Check that every prediction file exists, before any heavy work.
+class NothingEvaluatedError(InputError):
+    """Every case was skipped (each one already reported to ``on_skip``)."""
+
+
+def _prediction_folder(pred_dir: Path, case_dir: Path, meta: dict) -> Path:
+    return Path(pred_dir) / str(meta.get("case_id", case_dir.name))
+
+
+def _first_predicted(predictions: dict[str, Path], metas: dict[Path, dict]) -> dict[str, int]:
+    """Each model's first predicted phase; check its prediction folder exists.
 
     A model predicts the same phases for every case: from its earliest ``kdyn.nii.gz``
-    (k >= 2) in any case to the last phase, without gaps.
+    (k >= 2) in any case to the last phase, without gaps (``_check_predictions``).
+
+    Args:
+        predictions: model name -> prediction folder.
+        metas: case folder -> its meta.json content.
 
     Returns:
         Model name -> index of its first predicted phase.
     """
     if not predictions:
         raise InputError("predictions: give at least one model as NAME=DIR")
-    metas = [read_meta(case_dir) | {"dir": case_dir} for case_dir in case_dirs]
     firsts = {}
     for model, pred_dir in predictions.items():
         if model == REFERENCE_MODEL:
             raise InputError(f"{model}: name reserved for the reference row, choose another")
         if not Path(pred_dir).is_dir():
             raise InputError(f"{pred_dir}: prediction folder of model {model!r} not found")
-        folders = [Path(pred_dir) / str(meta.get("case_id", meta["dir"].name)) for meta in metas]
         found = []
-        for folder, meta in zip(folders, metas, strict=True):
-            if not folder.is_dir():
-                raise InputError(f"{folder}: no predictions of model {model!r} for this case")
+        for case_dir, meta in metas.items():
+            folder = _prediction_folder(pred_dir, case_dir, meta)
             names = meta["phases"][FIRST_PREDICTED:]
             found += [
                 k
@@ -81,11 +91,20 @@ def _first_predicted(predictions: dict[str, Path], case_dirs: list[Path]) -> dic
                 if (folder / f"{name}.nii.gz").is_file()
             ]
         firsts[model] = min(found, default=FIRST_PREDICTED)
-        for folder, meta in zip(folders, metas, strict=True):
-            for name in meta["phases"][firsts[model] :]:
-                if not (folder / f"{name}.nii.gz").is_file():
-                    raise InputError(f"{folder / name}.nii.gz: predicted phase not found")
     return firsts
+
+
+def _check_predictions(
+    predictions: dict[str, Path], firsts: dict[str, int], case_dir: Path, meta: dict
+) -> None:
+    """Check that every prediction file of one case exists, before any heavy work."""
+    for model, pred_dir in predictions.items():
+        folder = _prediction_folder(pred_dir, case_dir, meta)
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no predictions of model {model!r} for this case")
+        for name in meta["phases"][firsts[model] :]:
+            if not (folder / f"{name}.nii.gz").is_file():
+                raise InputError(f"{folder / name}.nii.gz: predicted phase not found")
 
 
 def _synthesized_series(case: Case, pred_dir: Path, first: int) -> np.ndarray:
@@ -97,6 +116,21 @@ def _synthesized_series(case: Case, pred_dir: Path, first: int) -> np.ndarray:
         if not np.isfinite(image).all():
             raise InputError(f"{folder / name}.nii.gz: contains NaN or infinite values")
     return np.concatenate([case.phases[:first], np.stack(predicted).astype(np.float32)])
+
+
+def _case_and_predictions(
+    case_dir: Path, predictions: dict[str, Path], firsts: dict[str, int]
+) -> tuple[Case, TINorm, dict[str, np.ndarray]]:
+    """A real case, its TI-norm and each model's synthesized series (T, X, Y, Z)."""
+    case = load_case(case_dir)
+    if len(case.times_s) <= FIRST_PREDICTED:
+        raise InputError(f"{case_dir}: needs a phase after 1dyn to compare")
+    norm = fit_case_norm(case.phases, case.roi, where=str(case_dir))
+    series = {
+        model: _synthesized_series(case, pred_dir, firsts[model])
+        for model, pred_dir in predictions.items()
+    }
+    return case, norm, series
 
 
 def _lesion_curves(phases: np.ndarray, case: Case, rule: CurveRule) -> dict:
@@ -262,6 +296,7 @@ def evaluate(
     rule: CurveRule = DEFAULT_RULE,
     seed: int = 0,
     resamples: int = RESAMPLES,
+    on_skip: Callable[[Path, InputError], None] | None = None,
 ) -> dict:
     """Compare each model's predicted phases with the real ones; write metrics.json, index.html.
 
@@ -276,36 +311,57 @@ def evaluate(
         rule: the curve-type rule.
         seed: seed of the bootstrap's resampled cases.
         resamples: number of bootstrap resamples.
+        on_skip: called with a case folder and the error when a case is bad; the
+            case is left out and the others are scored (the bootstrap resamples only
+            those). Without it a bad case raises.
 
     Returns:
         The content of metrics.json: ``{"cases", "lesions", "reference_models",
         "models": {NAME: {"per_phase": {"2dyn": {"psnr", "ssim", "enh_error"}, ...},
         "scc", "dtw", "curve_type_agreement", "kinetic_map_agreement",
         "enh_error_last", "confusion_matrix", "std"}}, "bootstrap", "paired",
-        "verdicts", "per_case"}``, "std" holding the SDs in the same layout and every
-        scalar ``m`` having its 95 % interval ``m_ci95`` beside it; ``copy-1dyn`` is
-        among the models, as a reference. "paired" and "verdicts": see ``comparison``.
+        "verdicts", "per_case", "skipped"}``, "std" holding the SDs in the same layout
+        and every scalar ``m`` having its 95 % interval ``m_ci95`` beside it;
+        ``copy-1dyn`` is among the models, as a reference. "paired" and "verdicts": see
+        ``comparison``; "skipped": ``{case folder name: reason}`` of the cases left out.
 
     Raises:
-        InputError: no models, a reserved model name, a missing prediction folder or
-            file, a prediction of another shape or affine, a case with no phase after
-            1dyn, or no lesion in the cohort; the message names the file.
+        InputError: no models, a reserved model name, a missing prediction folder,
+            or no lesion in the cohort; without ``on_skip`` also a bad case (a missing
+            or damaged file, a prediction of another shape or affine, no phase after
+            1dyn); the message names the file. :class:`NothingEvaluatedError` when
+            ``on_skip`` was given every case.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: report folder is a file")
-    case_dirs = find_cases(data_dir)
-    firsts = _first_predicted(dict(predictions), case_dirs) | {REFERENCE_MODEL: FIRST_PREDICTED}
+    out_dir = check_output_dir(out_dir)
+    skipped: dict[str, str] = {}
+
+    def skip(case_dir: Path, exc: InputError) -> None:
+        if on_skip is None:
+            raise exc
+        on_skip(case_dir, exc)
+        skipped[case_dir.name] = " ".join(str(exc).split())
+
+    metas = {}
+    for case_dir in find_cases(data_dir):
+        try:
+            metas[case_dir] = read_meta(case_dir)
+        except InputError as exc:
+            skip(case_dir, exc)
+    firsts = _first_predicted(dict(predictions), metas) | {REFERENCE_MODEL: FIRST_PREDICTED}
+    case_dirs = []
+    for case_dir, meta in metas.items():
+        try:
+            _check_predictions(dict(predictions), firsts, case_dir, meta)
+            case_dirs.append(case_dir)
+        except InputError as exc:
+            skip(case_dir, exc)
     per_case, summaries, panels, strips = {}, [], [], []
     for case_dir in case_dirs:
-        case = load_case(case_dir)
-        if len(case.times_s) <= FIRST_PREDICTED:
-            raise InputError(f"{case_dir}: needs a phase after 1dyn to compare")
-        norm = fit_case_norm(case.phases, case.roi, where=str(case_dir))
-        series = {
-            model: _synthesized_series(case, pred_dir, firsts[model])
-            for model, pred_dir in predictions.items()
-        }
+        try:
+            case, norm, series = _case_and_predictions(case_dir, predictions, firsts)
+        except InputError as exc:
+            skip(case_dir, exc)
+            continue
         series[REFERENCE_MODEL] = case.phases[[0] + [1] * (len(case.times_s) - 1)]
         analysed = {"real": _analyse(case.phases, case, rule)}
         analysed |= {model: _analyse(phases, case, rule) for model, phases in series.items()}
@@ -324,6 +380,8 @@ def evaluate(
                 panels.append(_curve_panel(case, label, analysed, min(firsts.values())))
         if lesions and len(strips) < MAX_IMAGE_CASES:
             strips.append(figures.case_strip(_case_slices(case, norm, analysed, record)))
+    if skipped and not per_case:
+        raise NothingEvaluatedError(f"{data_dir}: no case could be evaluated")
     n_lesions = sum(len(record["lesions"]) for record in per_case.values())
     if n_lesions == 0:
         raise InputError(f"{data_dir}: no lesion in any seg.nii.gz; the lesion metrics need one")
@@ -344,6 +402,7 @@ def evaluate(
         "paired": paired,
         "verdicts": comparison.verdicts(paired, samples),
         "per_case": per_case,
+        "skipped": skipped,
     }
     page = evaluation_page(result, summaries, figures.curve_grid(panels), strips)
     out_dir.mkdir(parents=True, exist_ok=True)

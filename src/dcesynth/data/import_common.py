@@ -246,9 +246,12 @@ def assemble_case(
         extra: further ``meta.json`` fields.
 
     Raises:
-        InputError: grids that differ without ``resample``, non-integer masks, or an
-            empty automatic mask.
+        InputError: non-finite phases, grids that differ without ``resample``,
+            non-integer masks, or an empty mask; the message names the file.
     """
+    for name, (data, _) in phases:
+        if not np.isfinite(data).all():
+            raise InputError(f"{name}: contains NaN or infinite values")
     grid = (phases[0][1][0].shape, phases[0][1][1])
     stack = np.stack(
         [on_grid(name, (d.astype(np.float32), a), grid, resample, 1) for name, (d, a) in phases]
@@ -264,6 +267,8 @@ def assemble_case(
     else:
         binary = (integer_labels(roi[0], roi[1][0]) > 0).astype(np.uint8)
         mask = on_grid(roi[0], (binary, roi[1][1]), grid, resample, 0)
+        if not mask.any():
+            raise InputError(f"{roi[0]}: the breast ROI is empty")
         extra.setdefault("roi_automatic", False)
     lesions = [{"label": int(label)} for label in np.unique(labels) if label > 0]
     return Case(

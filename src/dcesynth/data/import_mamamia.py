@@ -84,6 +84,8 @@ class MamaMiaSource:
             raise InputError(f"{folder}: pre-contrast image {stem}_0000.nii.gz missing")
         if len(paths) < 2:
             raise InputError(f"{folder}: no post-contrast image {stem}_0001.nii.gz")
+        # Images first: a damaged image is named even when the times are missing too.
+        phases = [(str(path), load_nifti(path)) for path in paths]
         times_s, origin = self._times(case_id, len(paths))
         seg_path = self.segs.find(*nifti_names(stem))
         if seg_path is None:
@@ -100,7 +102,7 @@ class MamaMiaSource:
         return assemble_case(
             case_id,
             self.source,
-            [(str(path), load_nifti(path)) for path in paths],
+            phases,
             times_s,
             seg=(str(seg_path), ((seg_data > 0).astype(np.int16), seg_affine)),
             roi=roi,

@@ -119,7 +119,7 @@ def import_cohort(
             if wanted.lower() in by_lower:
                 selected.append(by_lower[wanted.lower()])
             else:
-                summary.skipped.append((wanted, f"not found in {src}"))
+                summary.skipped.append((wanted, f"--cases {wanted}: not found in {src}"))
     out = Path(out)
     out_existed = out.exists()
     check_writable_dir(out)

@@ -46,7 +46,7 @@ def save_weights(path: Path, model: torch.nn.Module, step: int | None = None) ->
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
-    """Load safetensors weights into ``model`` (strict); InputError naming the file otherwise."""
+    """Load finite safetensors weights into ``model`` (strict); else InputError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
@@ -54,6 +54,10 @@ def load_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
         tensors = load_file(path, device="cpu")
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{path}: cannot read weights ({exc})") from exc
+    for key, tensor in tensors.items():
+        # NaN weights would predict NaN images without any error downstream.
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(f"{path}: weights hold NaN or infinite values ({key})")
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
@@ -88,6 +92,9 @@ def load_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad file
         raise InputError(f"{path}: cannot read checkpoint ({exc.__class__.__name__})") from exc
+    if not isinstance(state, dict) or not {"step", "best"} <= state.keys():
+        raise InputError(f"{path}: not a training state (no step and best)")
+    return state
