@@ -1,4 +1,4 @@
-"""The classical regression model: what it learns, how it is stored, train/predict through the CLI."""
+"""The regression model: what it learns, how it is stored, train/predict through the CLI."""
 
 from __future__ import annotations
 

@@ -86,6 +86,21 @@ def test_first_patch_of_each_case_is_centred_in_a_lesion_second_in_the_roi():
             assert mask[tuple(centre)], (step, index, centre)
 
 
+def test_lesion_offset_moves_the_lesion_patch_centre_within_the_bound():
+    case = coordinate_case([((22, 23), (22, 23), (16, 17))])  # a one-voxel lesion
+    batches = PatchBatches([case], PATCH, 1, 40, seed=0, augment=False, lesion_offset=0.5)
+    offsets = np.array(
+        [
+            batches[step]["phases"][0, :, CENTRE[0], CENTRE[1], CENTRE[2]].long().numpy()
+            - np.array([22, 22, 16])
+            for step in range(40)
+        ]
+    )
+    bound = np.array([p // 4 for p in PATCH])
+    assert (np.abs(offsets) <= bound).all()
+    assert len({tuple(offset) for offset in offsets}) > 20
+
+
 def test_augmentation_moves_all_phases_together():
     # Noise is drawn per phase by design; the spatial transforms must act on all phases alike.
     spatial = augmentation(PATCH).spatial

@@ -136,6 +136,7 @@ class PatchBatches(torch.utils.data.Dataset):
         seed: int,
         rank: int = 0,
         augment: bool = True,
+        lesion_offset: float = 0.0,
     ):
         counts = {c.phases.shape[0] for c in cases}
         if len(counts) != 1:
@@ -148,6 +149,7 @@ class PatchBatches(torch.utils.data.Dataset):
         self.cases_per_step, self.total_steps = cases_per_step, total_steps
         self.seed, self.rank = seed, rank
         self.transform = augmentation(self.patch) if augment else None
+        self.max_offset = np.asarray([int(lesion_offset * (p // 2)) for p in self.patch])
 
     def __len__(self) -> int:
         return self.total_steps
@@ -160,6 +162,8 @@ class PatchBatches(torch.utils.data.Dataset):
             lesion_pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels
             for pool in (lesion_pool, case.roi_voxels):
                 centre = pool[rng.integers(len(pool))]
+                if pool is lesion_pool and self.max_offset.any():
+                    centre = centre + rng.integers(-self.max_offset, self.max_offset + 1)
                 start = crop_start(centre, self.patch, case.phases.shape[1:])
                 sample = crop(case.phases, start, self.patch)
                 lesion = crop(case.lesion_mask, start, self.patch)

@@ -234,6 +234,7 @@ class Trainer:
             train.total_steps,
             train.seed,
             self.rank,
+            lesion_offset=train.lesion_offset,
         )
         self.val_batch = validation_patches(self.val_cases, train.patch)
         torch.manual_seed(train.seed)
