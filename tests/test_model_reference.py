@@ -1,0 +1,76 @@
+"""The models compute what they computed when `tests/data/model_reference.safetensors` was made.
+
+The file holds fixed weights, inputs, the outputs of every model and the gradients of one
+training step's loss (free-running and teacher-forced), made with the models of commit
+`3b0cced` on CPU in fp32. Any refactoring of the models must reproduce them to 1e-5 relative.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dcesynth.model import BaselineUNet, IterUNet
+from dcesynth.train.losses import CombinedLoss, LossWeights
+
+REFERENCE = Path(__file__).parent / "data" / "model_reference.safetensors"
+FEATURES = (2, 2, 4, 4, 8, 2)
+RELATIVE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return load_file(REFERENCE)
+
+
+def _close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= RELATIVE * max(scale, 1e-12), (
+        f"{name}: max error {error:.3g}, scale {scale:.3g}"
+    )
+
+
+def _model(kind: str) -> torch.nn.Module:
+    if kind == "iterunet":
+        return IterUNet(features=FEATURES, temporal=True, time_dim=16)
+    if kind == "iterunet_notime":
+        return IterUNet(features=FEATURES, temporal=False)
+    return BaselineUNet(3, features=FEATURES)
+
+
+CASES = [
+    ("iterunet_teacher", "iterunet", True),
+    ("iterunet_free", "iterunet", False),
+    ("iterunet_notime", "iterunet_notime", False),
+    ("baseline", "baseline", False),
+]
+
+
+@pytest.mark.parametrize(("record", "weights", "teacher"), CASES)
+def test_outputs_and_gradients_match_the_reference(reference, record, weights, teacher):
+    torch.manual_seed(0)
+    model = _model(weights)
+    prefix = f"{weights}.weights."
+    model.load_state_dict(
+        {k[len(prefix) :]: v for k, v in reference.items() if k.startswith(prefix)}
+    )
+    pre, phases, times_s = reference["pre"], reference["phases"], reference["times_s"]
+    lesion = reference["lesion"].bool()
+    targets = [phases[:, k : k + 1] for k in range(1, 4)]
+    preds = model(
+        pre,
+        [phases[:, :1]],
+        [times_s[:, 0]],
+        list(times_s[:, 1:].unbind(1)),
+        teacher=targets if teacher else None,
+    )
+    total, _ = CombinedLoss(LossWeights(1.0, 0.5, 1.0, 0.1, 2.0), None)(
+        preds, targets, None, lesion
+    )
+    total.backward()
+    _close(f"{record} outputs", torch.cat(preds, 1).detach(), reference[f"{record}.outputs"])
+    _close(f"{record} loss", total.detach().reshape(1), reference[f"{record}.loss"])
+    for name, parameter in model.named_parameters():
+        _close(f"{record} grad {name}", parameter.grad, reference[f"{record}.grads.{name}"])
