@@ -48,7 +48,7 @@ def _pixel_only(**weights: float) -> CombinedLoss:
 
 def test_identical_prediction_gives_zero_loss(resnet10):
     target = _volume(1)
-    total, terms = CombinedLoss(LossWeights(), resnet10)([target.clone()], [target])
+    total, terms = CombinedLoss(LossWeights(), resnet10)(target.clone(), target)
     assert terms["l1"] == 0.0
     assert terms["gdl"] == 0.0
     assert terms["ssim"] == pytest.approx(0.0, abs=1e-5)
@@ -58,7 +58,7 @@ def test_identical_prediction_gives_zero_loss(resnet10):
 
 def test_constant_shift_gives_l1_equal_to_shift_times_weight():
     target = _volume(2)
-    total, terms = _pixel_only(l1=0.1, ssim=0.0, gdl=0.0)([target + 0.75], [target])
+    total, terms = _pixel_only(l1=0.1, ssim=0.0, gdl=0.0)(target + 0.75, target)
     assert terms["l1"] == pytest.approx(0.75, rel=1e-5)
     assert total.item() == pytest.approx(0.075, rel=1e-5)
 
@@ -66,8 +66,8 @@ def test_constant_shift_gives_l1_equal_to_shift_times_weight():
 def test_loss_is_summed_over_rollout_steps():
     target = _volume(3)
     loss = _pixel_only()
-    one_step, _ = loss([target + 0.5], [target])
-    three_steps, _ = loss([target + 0.5] * 3, [target] * 3)
+    one_step, _ = loss(target + 0.5, target)
+    three_steps, _ = loss(torch.cat([target + 0.5] * 3, 1), torch.cat([target] * 3, 1))
     assert three_steps.item() == pytest.approx(3 * one_step.item(), rel=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_ssim_window_larger_than_patch_is_rejected():
 def test_gradient_reaches_prediction(resnet10):
     target = _volume(9)
     pred = (target + 0.3 * _volume(10)).requires_grad_()
-    total, _ = CombinedLoss(LossWeights(), resnet10)([pred], [target])
+    total, _ = CombinedLoss(LossWeights(), resnet10)(pred, target)
     total.backward()
     assert pred.grad is not None
     assert pred.grad.abs().sum().item() > 0.0
@@ -108,15 +108,15 @@ def test_gradient_reaches_prediction(resnet10):
 def test_perceptual_term_larger_for_different_image(resnet10):
     target = _volume(11)
     loss = CombinedLoss(LossWeights(l1=0.0, ssim=0.0, perceptual=1.0, gdl=0.0), resnet10)
-    same, _ = loss([target.clone()], [target])
-    different, terms = loss([_volume(12)], [target])
+    same, _ = loss(target.clone(), target)
+    different, terms = loss(_volume(12), target)
     assert different.item() > same.item() + 1e-3
     assert terms["perceptual"] == pytest.approx(different.item())
 
 
 def test_without_network_perceptual_term_is_absent():
     target = _volume(13)
-    total, terms = _pixel_only()([_volume(14)], [target])
+    total, terms = _pixel_only()(_volume(14), target)
     assert "perceptual" not in terms
     expected = 0.1 * terms["l1"] + terms["ssim"] + 0.1 * terms["gdl"]
     assert total.item() == pytest.approx(expected, rel=1e-5)
@@ -126,7 +126,7 @@ def test_zero_weight_mask_gives_zero_loss(resnet10):
     pred = _volume(15).requires_grad_()
     target = _volume(16)
     loss = CombinedLoss(LossWeights(), resnet10)
-    total, terms = loss([pred], [target], weight=torch.zeros(SHAPE))
+    total, terms = loss(pred, target, weight=torch.zeros(SHAPE))
     total.backward()
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     assert all(value == pytest.approx(0.0, abs=1e-6) for value in terms.values())
@@ -149,17 +149,17 @@ def test_bfloat16_autocast_gives_float32_loss_close_to_float32(resnet10):
     target = _volume(17)
     pred = target + 0.3 * _volume(18)
     loss = CombinedLoss(LossWeights(), resnet10)
-    reference, _ = loss([pred], [target])
+    reference, _ = loss(pred, target)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed, _ = loss([pred.bfloat16()], [target.bfloat16()])
+        mixed, _ = loss(pred.bfloat16(), target.bfloat16())
     assert mixed.dtype == torch.float32
     assert mixed.item() == pytest.approx(reference.item(), rel=0.02)
 
 
 def test_mismatched_rollout_lengths_are_rejected():
     target = _volume(19)
-    with pytest.raises(ValueError, match="2 predictions and 1 targets"):
-        _pixel_only()([target, target], [target])
+    with pytest.raises(ValueError, match="one shape"):
+        _pixel_only()(torch.cat([target, target], 1), target)
 
 
 def test_loader_reads_medicalnet_wrapped_checkpoint(tmp_path, resnet10):
@@ -267,7 +267,7 @@ def test_lesion_term_is_the_squared_error_of_the_lesion_mean():
     pred[2] += 7.0
     assert lesion_mean_error(pred, target, lesion).item() == pytest.approx((0.25 + 1.0) / 2)
     loss = _pixel_only(l1=0.0, ssim=0.0, gdl=0.0, lesion=2.0)
-    total, terms = loss([pred, pred], [target, target], lesion=lesion)
+    total, terms = loss(torch.cat([pred, pred], 1), torch.cat([target, target], 1), lesion=lesion)
     assert terms["lesion"] == pytest.approx(1.25, rel=1e-5)
     assert total.item() == pytest.approx(2.5, rel=1e-5)
 
@@ -277,5 +277,5 @@ def test_lesion_term_is_zero_without_lesion_voxels_and_needs_masks():
     empty = torch.zeros(SHAPE, dtype=torch.bool)
     assert lesion_mean_error(target + 3.0, target, empty).item() == 0.0
     with pytest.raises(ValueError, match="lesion masks"):
-        _pixel_only(lesion=1.0)([target], [target])
-    assert "lesion" not in _pixel_only()([target], [target])[1]
+        _pixel_only(lesion=1.0)(target, target)
+    assert "lesion" not in _pixel_only()(target, target)[1]

@@ -53,9 +53,8 @@ class TrainConfig:
         loss_weights: (l1, ssim, perceptual, gdl).
         val_fraction: share of cases held out for validation (at least one).
         val_every: steps between validations (and checkpoints).
-        amp: bf16 autocast; None = on CUDA only. On this project's 2-core CPU bf16
-            made small 3-D U-Nets up to 30x slower (oneDNN has no fast bf16 kernels for
-            few-channel 3-D convolution backward), so CPU presets keep fp32.
+        amp: bf16 autocast; None lets the device decide (``dcesynth.accel.use_bf16``:
+            on CUDA, and on CPUs with bf16 matrix units, where it is the faster precision).
         lesion_offset: the lesion patch's centre is a lesion voxel moved by up to this
             fraction of the half patch per axis (0 = centred, the paper). Prediction
             tiles windows wherever they fall, so a lesion sits anywhere in a window.
@@ -81,10 +80,6 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.optim_steps
-
-    def amp_on(self, device_type: str) -> bool:
-        """Whether bf16 autocast is used on ``device_type`` ("cpu" or "cuda")."""
-        return device_type == "cuda" if self.amp is None else self.amp
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from dcesynth.accel import accelerate, use_bf16
 from dcesynth.case import Case, phase_names, validate_times
 from dcesynth.config import RunConfig
 from dcesynth.data.tinorm import fit_case_norm
@@ -96,7 +97,8 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     except (ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from exc
     load_weights(weights, model)
-    return LoadedRun(model.to(device).eval(), config, device, weights, run_dir)
+    model = accelerate(model.to(device).eval(), device)
+    return LoadedRun(model, config, device, weights, run_dir)
 
 
 def input_names(text: str) -> list[str]:
@@ -132,43 +134,37 @@ class WindowPredictor:
     """The function sliding_window_inference calls on a batch of windows.
 
     A window is ``(W, 1 + n_observed + 1, x, y, z)``: pre, the observed phases, and the
-    ROI mask as the last channel. Returns ``(W, n_targets, x, y, z)``. Windows without
-    ROI voxels are not run; ``calls`` counts the windows the model did run. The model
-    predicts ``model_target_times_s``; the last ``n_wanted`` predictions are kept (the
-    baseline always predicts every phase after 1dyn, also those the user observed).
+    ROI mask as the last channel. Returns ``(W, n_targets, x, y, z)``, the model's
+    predictions at ``times_s`` (observed then target times). Windows without ROI voxels
+    are not run (the last observed phase stands in); ``calls`` counts the windows the model
+    did run.
     """
 
     def __init__(
         self,
         run: LoadedRun,
-        observed_times_s,
-        model_target_times_s,
-        n_wanted: int,
+        times_s: Sequence[float],
+        n_targets: int,
         amp: bool,
         on_windows: Callable[[int], None] | None = None,
     ):
         self.run, self.amp, self.on_windows = run, amp, on_windows
-        self.observed_times_s = [float(t) for t in observed_times_s]
-        self.model_target_times_s = [float(t) for t in model_target_times_s]
-        self.n_wanted = n_wanted
+        self.times_s = torch.tensor([float(t) for t in times_s], device=run.device)
+        self.n_targets = n_targets
         self.calls = 0
         self.skipped = 0
 
     @torch.no_grad()
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         images, roi = windows[:, :-1], windows[:, -1]
-        last_observed = images[:, -1:]
-        out = last_observed.expand(-1, self.n_wanted, *images.shape[2:]).clone()
+        out = images[:, -1:].expand(-1, self.n_targets, *images.shape[2:]).clone()
         active = roi.flatten(1).amax(dim=1) > 0.5
         if active.any():
             batch = images[active]
-            pre, observed = batch[:, :1], [o[:, None] for o in batch[:, 1:].unbind(1)]
-            device_type = self.run.device.type
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp):
-                preds = self.run.model(
-                    pre, observed, self.observed_times_s[1:], self.model_target_times_s
-                )
-            out[active] = torch.cat(preds[-self.n_wanted :], dim=1).float()
+            times_s = self.times_s.expand(batch.shape[0], -1)
+            with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                preds = self.run.model(batch[:, :1], batch[:, 1:], times_s)
+            out[active] = preds.float()
         self.calls += int(active.sum())
         self.skipped += int((~active).sum())
         if self.on_windows:
@@ -209,15 +205,10 @@ def predict_case(
     targets = target_times(case, len(names), times_s)
     if isinstance(run.model, RegressionModel):
         return _finite(run, case, _predict_regression(run.model, case, names, targets, on_windows))
-    model_targets = targets
-    if run.config.model.name == "baseline":
-        # The baseline maps pre + 1dyn to every later phase; observed ones are dropped.
-        model_targets = list(case.times_s[2 : len(names)]) + targets
-        if len(model_targets) != run.model.n_targets:
-            raise InputError(
-                f"{case.case_id}: this baseline predicts {run.model.n_targets} phases after "
-                f"1dyn; the protocol asks for {len(model_targets)}"
-            )
+    try:
+        run.model.check_protocol(len(names) - 1, len(targets))
+    except ValueError as exc:
+        raise InputError(f"{case.case_id}: {exc}") from None
     norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
     patch = run.config.train.patch
     region = roi_region(case.roi, patch, overlap)
@@ -227,10 +218,9 @@ def predict_case(
     volume = torch.from_numpy(stack)[None].to(run.device)
     predictor = WindowPredictor(
         run,
-        case.times_s[: len(names)],
-        model_targets,
+        list(case.times_s[1 : len(names)]) + targets,
         len(targets),
-        run.config.train.amp_on(run.device.type) if amp is None else amp,
+        use_bf16(run.device, run.config.train.amp if amp is None else amp),
         on_windows,
     )
     batch = window_batch or (8 if run.device.type == "cuda" else 1)

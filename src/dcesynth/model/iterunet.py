@@ -16,14 +16,11 @@ from dcesynth.model.blocks import (
     DEFAULT_ACT,
     DEFAULT_NORM,
     PAPER_FEATURES,
-    LSTMState,
     TimeEmbedding,
     UNet3D,
 )
 
 MODEL_NAMES = ("iterunet", "baseline")
-
-Times = torch.Tensor | float
 
 
 class IterUNet(nn.Module):
@@ -69,140 +66,69 @@ class IterUNet(nn.Module):
             norm=norm,
         )
 
-    def step(
-        self,
-        pre: torch.Tensor,
-        current: torch.Tensor,
-        current_time_s: Times,
-        target_time_s: Times,
-        state: LSTMState | None = None,
-    ) -> tuple[torch.Tensor, LSTMState | None]:
-        """Predict the phase at `target_time_s` from the phase at `current_time_s`.
-
-        Args:
-            pre: `(B, in_channels - 1, X, Y, Z)` pre-contrast image.
-            current: `(B, 1, X, Y, Z)` current phase.
-            current_time_s: `(B,)` tensor or float, seconds after injection of `current`.
-            target_time_s: `(B,)` tensor or float, seconds after injection of the target.
-            state: ConvLSTM `(hidden, cell)` from the previous step; None for zeros.
-
-        Returns:
-            `(B, 1, X, Y, Z)` predicted phase and the new state (None if not temporal).
-
-        Raises:
-            ValueError: shapes disagree, a spatial axis is not divisible by 16, or a time
-                tensor is not `(B,)`.
-        """
-        _check_phase("current", current, pre)
-        embedding = self._embed(pre, current_time_s, target_time_s)
-        delta, state = self.unet(torch.cat([pre, current], dim=1), embedding, state)
-        return current + delta, state
-
-    def _embed(
-        self, pre: torch.Tensor, current_time_s: Times, target_time_s: Times
-    ) -> torch.Tensor | None:
-        """`(B, time_dim)` step embedding, or None without time conditioning."""
-        if self.time_embedding is None:
-            return None
-        batch_size, device = pre.shape[0], pre.device
-        return self.time_embedding(
-            _batch_times("current_time_s", current_time_s, batch_size, device),
-            _batch_times("target_time_s", target_time_s, batch_size, device),
-        )
-
-    def _teacher_forced(
-        self,
-        pre: torch.Tensor,
-        inputs: Sequence[torch.Tensor],
-        input_times_s: Sequence[Times],
-        target_times_s: Sequence[Times],
-        state: LSTMState | None,
-    ) -> list[torch.Tensor]:
-        """Every step of a teacher-forced rollout in one batch of `len(inputs) * B`.
-
-        With teacher forcing every step's input is known in advance, and only the ConvLSTM
-        depends on the step before: the level-0 block runs once on all steps, the ConvLSTM
-        step by step on its slices, and the rest of the U-Net once on all steps again. The
-        same function as calling `step` in a loop, with larger (faster) batches.
-        """
-        for index, phase in enumerate(inputs):
-            _check_phase(f"rollout input {index}", phase, pre)
-        x = torch.cat([torch.cat([pre, phase], dim=1) for phase in inputs])
-        embeddings = [
-            self._embed(pre, current, target)
-            for current, target in zip(input_times_s, target_times_s, strict=True)
-        ]
-        embedding = None if embeddings[0] is None else torch.cat(embeddings)
-        self.unet.check_input(x, embedding)
-        hidden = []
-        for level_0 in self.unet.level_0(x).chunk(len(inputs)):
-            level_0, state = self.unet.recur(level_0, state)
-            hidden.append(level_0)
-        deltas = self.unet.rest(torch.cat(hidden), embedding).chunk(len(inputs))
-        return [phase + delta for phase, delta in zip(inputs, deltas, strict=True)]
-
-    def rollout(
-        self,
-        pre: torch.Tensor,
-        observed: Sequence[torch.Tensor],
-        observed_times_s: Sequence[Times],
-        target_times_s: Sequence[Times],
-        teacher: Sequence[torch.Tensor] | None = None,
-        batch_steps: bool = True,
-    ) -> list[torch.Tensor]:
-        """Predict every target phase in order, starting from the last observed phase.
-
-        Any start phase works: with several observed phases, the earlier ones only warm up
-        the ConvLSTM state (their level-0 features advance it; the rest of the U-Net is not
-        run, as its output would be discarded), so only the last observed time conditions
-        the first prediction. Then each prediction is fed back as the next input
-        (free-running), or with `teacher` the real phase is (teacher forcing).
-
-        Args:
-            pre: `(B, in_channels - 1, X, Y, Z)` pre-contrast image.
-            observed: one or more observed post-contrast phases, each `(B, 1, X, Y, Z)`.
-            observed_times_s: their times, seconds (`(B,)` tensors or floats); only the
-                last is used, as the ConvLSTM warm-up is time-free.
-            target_times_s: times of the phases to predict, in order, seconds.
-            teacher: real target phases, one per target; `teacher[k]` is the input of the
-                step to target `k + 1` (so the last one is never fed).
-            batch_steps: with `teacher`, run all steps as one batch (faster: on an H200
-                0.078 s against 0.111 s a warm-up step of the paper's model, on a 2-core CPU
-                3-5 %); False runs them one by one.
-
-        Returns:
-            One `(B, 1, X, Y, Z)` prediction per target time.
-        """
-        _check_rollout_args(observed, observed_times_s, target_times_s, teacher)
-        state = None
-        if self.unet.conv_lstm is not None:
-            for index, phase in enumerate(observed[:-1]):
-                _check_phase(f"observed[{index}]", phase, pre)
-                _, state = self.unet.first_level(torch.cat([pre, phase], dim=1), state)
-        current, current_time_s = observed[-1], observed_times_s[-1]
-        if teacher is not None and batch_steps and len(target_times_s) > 1:
-            inputs = [current, *teacher[:-1]]
-            input_times_s = [current_time_s, *target_times_s[:-1]]
-            return self._teacher_forced(pre, inputs, input_times_s, target_times_s, state)
-        predictions = []
-        for index, target_time_s in enumerate(target_times_s):
-            prediction, state = self.step(pre, current, current_time_s, target_time_s, state)
-            predictions.append(prediction)
-            current = prediction if teacher is None else teacher[index]
-            current_time_s = target_time_s
-        return predictions
-
     def forward(
         self,
         pre: torch.Tensor,
-        observed: Sequence[torch.Tensor],
-        observed_times_s: Sequence[Times],
-        target_times_s: Sequence[Times],
-        teacher: Sequence[torch.Tensor] | None = None,
-        batch_steps: bool = True,
-    ) -> list[torch.Tensor]:
-        """Same as `rollout`."""
-        return self.rollout(pre, observed, observed_times_s, target_times_s, teacher, batch_steps)
+        observed: torch.Tensor,
+        times_s: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict every target phase in order, starting from the last observed phase.
+
+        With several observed phases, the earlier ones only warm up the ConvLSTM state, so
+        only the last observed time conditions the first prediction. Then each prediction
+        is fed back as the next input (free-running), or with `teacher` the real phase is
+        (teacher forcing: every step's input is known in advance, so all steps run as one
+        batch through the U-Net, the ConvLSTM stepping through them in order).
+
+        Args:
+            pre: `(B, in_channels - 1, X, Y, Z)` pre-contrast image.
+            observed: `(B, T_obs, X, Y, Z)` observed post-contrast phases, `T_obs >= 1`.
+            times_s: `(B, T_obs + K)` times of the observed then the K target phases,
+                seconds after injection.
+            teacher: `(B, K, X, Y, Z)` real target phases; `teacher[:, k]` is the input of
+                the step to target `k + 1` (so the last one is never fed).
+
+        Returns:
+            `(B, K, X, Y, Z)` predictions, one per target time.
+
+        Raises:
+            ValueError: shapes disagree, or a spatial axis is not divisible by 16.
+        """
+        n_targets = check_protocol_args(pre, observed, times_s, teacher)
+        n_observed = observed.shape[1]
+        state = None
+        for index in range(n_observed - 1):
+            state = self.unet.advance(torch.cat([pre, observed[:, index : index + 1]], 1), state)
+        current = observed[:, -1:]
+        input_times_s = times_s[:, n_observed - 1 : -1]
+        target_times_s = times_s[:, n_observed:]
+        if teacher is not None:
+            inputs = torch.cat([current, teacher[:, :-1]], dim=1)
+            x = torch.cat([torch.cat([pre, phase], 1) for phase in inputs.split(1, 1)])
+            embedding = self._embed(input_times_s.T.flatten(), target_times_s.T.flatten())
+            deltas, _ = self.unet(x, embedding, state, steps=n_targets)
+            return inputs + torch.cat(deltas.chunk(n_targets), dim=1)
+        predictions = []
+        for step in range(n_targets):
+            embedding = self._embed(input_times_s[:, step], target_times_s[:, step])
+            delta, state = self.unet(torch.cat([pre, current], dim=1), embedding, state)
+            current = current + delta
+            predictions.append(current)
+        return torch.cat(predictions, dim=1)
+
+    def check_protocol(self, n_observed: int, n_targets: int) -> None:
+        """iterU-Net serves any protocol: one or more observed phases, any targets."""
+        if n_observed < 1 or n_targets < 1:
+            raise ValueError(
+                f"iterU-Net needs an observed and a target phase, got {n_observed} and {n_targets}"
+            )
+
+    def _embed(self, current_time_s: torch.Tensor, target_time_s: torch.Tensor):
+        """`(N, time_dim)` step embeddings of `(N,)` times, or None without time conditioning."""
+        if self.time_embedding is None:
+            return None
+        return self.time_embedding(current_time_s, target_time_s)
 
 
 class BaselineUNet(nn.Module):
@@ -210,7 +136,7 @@ class BaselineUNet(nn.Module):
 
     Target `k` is predicted directly from the pre-contrast image and the first observed
     phase, as that phase plus the U-Net output (the same output-level residual as
-    iterU-Net). `rollout` has iterU-Net's signature so training and prediction treat both
+    iterU-Net). It takes iterU-Net's arguments, so training and prediction treat both
     models alike; times and `teacher` are ignored.
 
     Args:
@@ -237,42 +163,39 @@ class BaselineUNet(nn.Module):
             UNet3D(in_channels, 1, features, act=act, norm=norm) for _ in range(n_targets)
         )
 
-    def rollout(
-        self,
-        pre: torch.Tensor,
-        observed: Sequence[torch.Tensor],
-        observed_times_s: Sequence[Times],
-        target_times_s: Sequence[Times],
-        teacher: Sequence[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """Predict each of the `n_targets` phases from `pre` and `observed[0]`.
-
-        Args: as `IterUNet.rollout`; `target_times_s` must have `n_targets` entries.
-
-        Returns:
-            One `(B, 1, X, Y, Z)` prediction per target, in target order.
-        """
-        _check_rollout_args(observed, observed_times_s, target_times_s, teacher)
-        if len(target_times_s) != self.n_targets:
-            raise ValueError(
-                f"target_times_s: the baseline predicts exactly {self.n_targets} phases, "
-                f"got {len(target_times_s)} target times"
-            )
-        first = observed[0]
-        _check_phase("observed[0]", first, pre)
-        x = torch.cat([pre, first], dim=1)
-        return [first + unet(x)[0] for unet in self.unets]
-
     def forward(
         self,
         pre: torch.Tensor,
-        observed: Sequence[torch.Tensor],
-        observed_times_s: Sequence[Times],
-        target_times_s: Sequence[Times],
-        teacher: Sequence[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """Same as `rollout`."""
-        return self.rollout(pre, observed, observed_times_s, target_times_s, teacher)
+        observed: torch.Tensor,
+        times_s: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the phases after the observed ones, each from `pre` and the first one.
+
+        Args: as `IterUNet.forward`; times and `teacher` are not used, and the observed
+            phases after the first only count (see `check_protocol`).
+
+        Returns:
+            `(B, K, X, Y, Z)`: the last K of the `n_targets` phases after `observed[:, 0]`.
+        """
+        n_targets = check_protocol_args(pre, observed, times_s, teacher)
+        try:
+            self.check_protocol(observed.shape[1], n_targets)
+        except ValueError as exc:
+            raise ValueError(f"times_s: {exc}") from None
+        first = observed[:, :1]
+        x = torch.cat([pre, first], dim=1)
+        unets = self.unets[self.n_targets - n_targets :]
+        return torch.cat([first + unet(x)[0] for unet in unets], dim=1)
+
+    def check_protocol(self, n_observed: int, n_targets: int) -> None:
+        """The baseline predicts its `n_targets` phases after the first observed one: the
+        observed phases after it and the targets must be exactly those."""
+        if n_observed - 1 + n_targets != self.n_targets:
+            raise ValueError(
+                f"this baseline predicts {self.n_targets} phases after 1dyn; the protocol asks "
+                f"for {n_observed - 1 + n_targets}"
+            )
 
 
 def build_model(
@@ -297,42 +220,33 @@ def build_model(
     raise ValueError(f"model name: expected one of {', '.join(MODEL_NAMES)}, got {name!r}")
 
 
-def _check_phase(name: str, phase: torch.Tensor, pre: torch.Tensor) -> None:
-    expected = (pre.shape[0], 1, *pre.shape[2:])
-    if pre.ndim != 5 or tuple(phase.shape) != expected:
+def check_protocol_args(
+    pre: torch.Tensor,
+    observed: torch.Tensor,
+    times_s: torch.Tensor,
+    teacher: torch.Tensor | None,
+) -> int:
+    """The number K of target phases; ValueError unless the model arguments agree in shape."""
+    if pre.ndim != 5:
+        raise ValueError(f"pre: expected shape (B, C, X, Y, Z), got {tuple(pre.shape)}")
+    batch, spatial = pre.shape[0], tuple(pre.shape[2:])
+    if observed.ndim != 5 or observed.shape[0] != batch or tuple(observed.shape[2:]) != spatial:
         raise ValueError(
-            f"{name}: expected shape (B, 1, X, Y, Z) matching pre {tuple(pre.shape)}, "
-            f"got {tuple(phase.shape)}"
+            f"observed: expected shape ({batch}, T_obs, *{spatial}) matching pre, got "
+            f"{tuple(observed.shape)}"
         )
-
-
-def _check_rollout_args(
-    observed: Sequence[torch.Tensor],
-    observed_times_s: Sequence[Times],
-    target_times_s: Sequence[Times],
-    teacher: Sequence[torch.Tensor] | None,
-) -> None:
-    if len(observed) == 0:
+    if observed.shape[1] == 0:
         raise ValueError("observed: expected at least one observed post-contrast phase")
-    if len(observed_times_s) != len(observed):
+    n_observed = observed.shape[1]
+    if times_s.ndim != 2 or times_s.shape[0] != batch or times_s.shape[1] <= n_observed:
         raise ValueError(
-            f"observed_times_s: expected {len(observed)} times (one per observed phase), "
-            f"got {len(observed_times_s)}"
+            f"times_s: expected shape ({batch}, {n_observed} + K) in seconds, K >= 1 targets, "
+            f"got {tuple(times_s.shape)}"
         )
-    if teacher is not None and len(teacher) != len(target_times_s):
+    n_targets = times_s.shape[1] - n_observed
+    if teacher is not None and tuple(teacher.shape) != (batch, n_targets, *spatial):
         raise ValueError(
-            f"teacher: expected {len(target_times_s)} phases (one per target time), "
-            f"got {len(teacher)}"
+            f"teacher: expected shape {(batch, n_targets, *spatial)} (one phase per target "
+            f"time), got {tuple(teacher.shape)}"
         )
-
-
-def _batch_times(name: str, times_s: Times, batch_size: int, device: torch.device) -> torch.Tensor:
-    times = torch.as_tensor(times_s, dtype=torch.float32, device=device)
-    if times.ndim == 0:
-        return times.expand(batch_size)
-    if tuple(times.shape) != (batch_size,):
-        raise ValueError(
-            f"{name}: expected a float or a tensor of shape ({batch_size},) in seconds, "
-            f"got shape {tuple(times.shape)}"
-        )
-    return times
+    return n_targets

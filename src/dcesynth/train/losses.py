@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dcesynth.metrics import SSIM_K1, SSIM_K2
 from dcesynth.train.perceptual import perceptual_loss
 
 # SSIM's data range is the target's range, but never below one TI-normalised unit (the
 # within-ROI std of the first post-contrast phase): flat or masked-out patches would otherwise
 # make the stability constants vanish and SSIM 0/0.
 MIN_SSIM_DATA_RANGE = 1.0
-SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 @dataclass(frozen=True)
@@ -55,20 +55,22 @@ def gaussian_window(window: int, sigma: float, device=None) -> Tensor:
     return kernel / kernel.sum()
 
 
-def gaussian_filter_valid(x: Tensor, window: int, sigma: float) -> Tensor:
+def gaussian_filter_valid(
+    x: Tensor, window: int, sigma: float, memory_format: torch.memory_format | None = None
+) -> Tensor:
     """Separable Gaussian filter without padding, per channel.
 
     Args:
         x: ``(B, C, X, Y, Z)``.
+        memory_format: the layout to filter in (``dcesynth.accel`` chooses); None keeps x's.
 
     Returns:
         ``(B, C, X - window + 1, Y - window + 1, Z - window + 1)``.
     """
     channels = x.shape[1]
     kernel = gaussian_window(window, sigma, x.device).to(x.dtype)
-    if x.device.type == "cpu":
-        # oneDNN's depthwise convolutions are ~3x faster channels-last (forward + backward).
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
     for axis in range(3):
         shape = [1, 1, 1]
         shape[axis] = window
@@ -76,7 +78,13 @@ def gaussian_filter_valid(x: Tensor, window: int, sigma: float) -> Tensor:
     return x
 
 
-def ssim_loss(pred: Tensor, target: Tensor, window: int = 7, sigma: float = 1.5) -> Tensor:
+def ssim_loss(
+    pred: Tensor,
+    target: Tensor,
+    window: int = 7,
+    sigma: float = 1.5,
+    memory_format: torch.memory_format | None = None,
+) -> Tensor:
     """``1 - SSIM`` with a Gaussian window, averaged over the batch.
 
     The same SSIM as MONAI's ``compute_ssim_and_cs`` (Gaussian window, k1 0.01, k2 0.03,
@@ -95,6 +103,7 @@ def ssim_loss(pred: Tensor, target: Tensor, window: int = 7, sigma: float = 1.5)
         target: target volume ``(B, 1, X, Y, Z)``.
         window: Gaussian window size in voxels, along every axis.
         sigma: Gaussian standard deviation in voxels.
+        memory_format: the layout of the Gaussian filtering (see ``gaussian_filter_valid``).
 
     Returns:
         Scalar tensor in [0, 2], 0 when ``pred`` equals ``target``.
@@ -107,7 +116,9 @@ def ssim_loss(pred: Tensor, target: Tensor, window: int = 7, sigma: float = 1.5)
     data_range = data_range.clamp_min(MIN_SSIM_DATA_RANGE).view(-1, 1, 1, 1, 1)
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     moments = torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1)
-    mu_p, mu_t, mu_pp, mu_tt, mu_pt = gaussian_filter_valid(moments, window, sigma).unbind(1)
+    mu_p, mu_t, mu_pp, mu_tt, mu_pt = gaussian_filter_valid(
+        moments, window, sigma, memory_format
+    ).unbind(1)
     var_p, var_t, cov = mu_pp - mu_p**2, mu_tt - mu_t**2, mu_pt - mu_p * mu_t
     c1, c2 = c1.squeeze(1), c2.squeeze(1)
     luminance = (2 * mu_p * mu_t + c1) / (mu_p**2 + mu_t**2 + c1)
@@ -202,6 +213,7 @@ class CombinedLoss(nn.Module):
         self.perceptual_net = perceptual_net
         self.ssim_window = ssim_window
         self.gdl_alpha = gdl_alpha
+        self.filter_memory_format: torch.memory_format | None = None
 
     @property
     def uses_perceptual(self) -> bool:
@@ -210,16 +222,16 @@ class CombinedLoss(nn.Module):
 
     def forward(
         self,
-        preds: list[Tensor],
-        targets: list[Tensor],
+        preds: Tensor,
+        targets: Tensor,
         weight: Tensor | None = None,
         lesion: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss of a rollout.
 
         Args:
-            preds: predicted phases, one ``(B, 1, X, Y, Z)`` tensor per rollout step.
-            targets: real phases, matching ``preds`` step for step.
+            preds: ``(B, K, X, Y, Z)`` predicted phases, one per rollout step.
+            targets: ``(B, K, X, Y, Z)`` real phases, matching ``preds`` step for step.
             weight: optional voxel weight ``(B, 1, X, Y, Z)`` (e.g. ``enhancement_weight``),
                 multiplied into prediction and target before every term but the lesion term.
             lesion: ``(B, 1, X, Y, Z)`` bool lesion masks; needed when the lesion weight is > 0.
@@ -230,16 +242,20 @@ class CombinedLoss(nn.Module):
             ``"gdl"``, ``"perceptual"`` and ``"lesion"`` only when computed) plus ``"total"``,
             as floats.
         """
-        if not preds or len(preds) != len(targets):
+        if preds.ndim != 5 or preds.shape != targets.shape or preds.shape[1] == 0:
             raise ValueError(
-                f"CombinedLoss: need one target per prediction, got {len(preds)} predictions "
-                f"and {len(targets)} targets"
+                "CombinedLoss: expected predictions and targets of one shape (B, K, X, Y, Z), "
+                f"got {tuple(preds.shape)} and {tuple(targets.shape)}"
             )
         if self.weights.lesion > 0 and lesion is None:
             raise ValueError("CombinedLoss: the lesion term needs the patches' lesion masks")
-        sums = {name: torch.zeros((), device=preds[0].device) for name in self._term_names()}
-        for step, (pred, target) in enumerate(zip(preds, targets, strict=True)):
-            self._check_shapes(step, pred, target, weight)
+        if weight is not None and weight.shape != preds[:, :1].shape:
+            raise ValueError(
+                f"CombinedLoss: weight shape {tuple(weight.shape)} differs from one phase's "
+                f"{tuple(preds[:, :1].shape)}"
+            )
+        sums = {name: torch.zeros((), device=preds.device) for name in self._term_names()}
+        for pred, target in zip(preds.split(1, 1), targets.split(1, 1), strict=True):
             pred, target = pred.float(), target.float()
             if self.weights.lesion > 0:
                 sums["lesion"] = sums["lesion"] + lesion_mean_error(pred, target, lesion)
@@ -247,7 +263,9 @@ class CombinedLoss(nn.Module):
                 pred, target = pred * weight.float(), target * weight.float()
             with torch.autocast(device_type=pred.device.type, enabled=False):
                 sums["l1"] = sums["l1"] + F.l1_loss(pred, target)
-                sums["ssim"] = sums["ssim"] + ssim_loss(pred, target, self.ssim_window)
+                sums["ssim"] = sums["ssim"] + ssim_loss(
+                    pred, target, self.ssim_window, memory_format=self.filter_memory_format
+                )
                 sums["gdl"] = sums["gdl"] + gradient_difference_loss(pred, target, self.gdl_alpha)
             if self.uses_perceptual:
                 sums["perceptual"] = sums["perceptual"] + perceptual_loss(
@@ -261,16 +279,3 @@ class CombinedLoss(nn.Module):
     def _term_names(self) -> tuple[str, ...]:
         optional = (("perceptual", self.uses_perceptual), ("lesion", self.weights.lesion > 0))
         return ("l1", "ssim", "gdl", *(name for name, used in optional if used))
-
-    @staticmethod
-    def _check_shapes(step: int, pred: Tensor, target: Tensor, weight: Tensor | None) -> None:
-        if pred.ndim != 5 or pred.shape[1] != 1 or pred.shape != target.shape:
-            raise ValueError(
-                f"CombinedLoss step {step}: expected pred and target of one shape (B, 1, X, Y, Z), "
-                f"got {tuple(pred.shape)} and {tuple(target.shape)}"
-            )
-        if weight is not None and weight.shape != pred.shape:
-            raise ValueError(
-                f"CombinedLoss step {step}: weight shape {tuple(weight.shape)} differs from "
-                f"prediction shape {tuple(pred.shape)}"
-            )

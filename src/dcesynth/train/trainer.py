@@ -18,12 +18,10 @@ files.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import os
-import platform
 import signal
 import threading
 import time
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dcesynth.accel import accelerate, make_adamw, tune_process, use_bf16
 from dcesynth.case import find_cases, load_case
 from dcesynth.config import RunConfig
 from dcesynth.data.sampling import PatchBatches, prepare_case, validation_patches
@@ -102,32 +101,8 @@ def select_device() -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
-        torch.backends.cudnn.benchmark = True
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_host_memory() -> bool:
-    """Let this process reuse the memory its tensors free, rather than give it back (glibc).
-
-    By default glibc serves large blocks with fresh mappings and trims the heap as they are
-    freed, so every training step faults in and zero-fills new pages for its activations
-    (about 0.4 s of system time per step of the paper's model on this project's 2-core CPU,
-    3-5 % of the step). With mmap and trimming off, freed blocks stay in the heap for the
-    next step, as with the jemalloc or tcmalloc preloads PyTorch's CPU tuning guide
-    recommends; the heap stays at its peak size. Process-wide: the Trainer calls it when it
-    trains on CPU.
-
-    Returns:
-        True if applied (Linux with glibc), False otherwise.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def init_distributed(world: int, device: torch.device) -> bool:
@@ -152,26 +127,6 @@ def split_cases(case_dirs: list[Path], val_fraction: float, seed: int):
     n_val = min(len(case_dirs) - 1, max(1, round(val_fraction * len(case_dirs))))
     val = sorted(case_dirs[i] for i in order[:n_val])
     return [case_dirs[i] for i in sorted(order[n_val:])], val
-
-
-def make_adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; on CUDA its fused kernel (one launch per step rather than a few per tensor)."""
-    parameters = list(parameters)
-    fused = all(p.device.type == "cuda" for p in parameters)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def phase_memory_format(device_type: str, teacher_forcing: bool) -> torch.memory_format:
-    """Memory format of the phases fed to the model in a training step.
-
-    On CUDA the free-running stage runs channels-last (NDHWC), without cuDNN's
-    NCDHW<->NDHWC transposes: 12 % faster on an H200. The batched teacher-forced stage
-    was 17 % slower in NDHWC there, so it stays in the default layout. On CPU the U-Net
-    turns its input channels-last itself, whatever it is given.
-    """
-    if device_type == "cuda" and not teacher_forcing:
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig, stage: Stage):
@@ -199,8 +154,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.device = select_device()
-        if self.device.type == "cpu":
-            keep_freed_host_memory()
+        tune_process(self.device)
         self.owns_process_group = init_distributed(self.world, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
@@ -211,7 +165,7 @@ class Trainer:
         elif (self.ckpt_dir / "last_state.pt").exists():
             raise InputError(f"{self.run_dir}: holds a run already; use --resume or a new --out")
         train = config.train
-        self.amp = train.amp_on(self.device.type)
+        self.amp = use_bf16(self.device, train.amp)
         case_dirs = find_cases(data_dir)
         if len(case_dirs) < 2:
             raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
@@ -241,6 +195,7 @@ class Trainer:
         self.model = build_model(
             config.model.name, config.model.features, config.model.temporal, n_phases - 2
         ).to(self.device)
+        accelerate(self.model, self.device)
         self.net = self.model
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -249,7 +204,9 @@ class Trainer:
             perceptual = load_perceptual_network(perceptual_weights)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        self.loss = CombinedLoss(LossWeights(*train.loss_weights), perceptual).to(self.device)
+        self.loss = accelerate(
+            CombinedLoss(LossWeights(*train.loss_weights), perceptual).to(self.device), self.device
+        )
         self.stages = stages(config)
         self.step, self.best = 0, math.inf
         self.optimizer = self.scheduler = self.optimizer_stage = None
@@ -306,27 +263,20 @@ class Trainer:
         )
 
     def train_step(self, batch: dict[str, torch.Tensor], stage: Stage) -> dict[str, float]:
-        """One optimiser step on a batch of patches (B, T, X, Y, Z)."""
+        """One optimiser step on a batch of patches: phases `(B, T, X, Y, Z)`, pre first."""
         phases = batch["phases"].to(self.device, non_blocking=True)
-        times = batch["times_s"].to(self.device)
-        layout = phase_memory_format(self.device.type, stage.teacher_forcing)
-        # T phases, each (B, 1, X, Y, Z)
-        phases = [p[:, None].contiguous(memory_format=layout) for p in phases.unbind(1)]
-        targets = phases[2:]
-        target_times = list(times[:, 2:].unbind(1))
-        with torch.autocast(
-            self.device.type,
-            dtype=torch.bfloat16,
-            enabled=self.config.train.amp_on(self.device.type),
-        ):
+        times_s = batch["times_s"].to(self.device)
+        targets = phases[:, 2:]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.net(
-                phases[0],
-                [phases[1]],
-                [times[:, 1]],
-                target_times,
+                phases[:, :1],
+                phases[:, 1:2],
+                times_s[:, 1:],
                 teacher=targets if stage.teacher_forcing else None,
             )
-        weight = enhancement_weight(phases[1], phases[-1]) if stage.enhancement_mask else None
+        weight = (
+            enhancement_weight(phases[:, 1:2], phases[:, -1:]) if stage.enhancement_mask else None
+        )
         lesion = batch["lesion"].to(self.device, non_blocking=True)
         total, terms = self.loss(preds, targets, weight, lesion)
         self.optimizer.zero_grad(set_to_none=True)
@@ -392,9 +342,7 @@ class Trainer:
             log.info("stage %s: steps %d-%d", stage.name, stage.start, stage.stop)
 
     def validate_and_save(self, stage: Stage, terms: dict[str, float]) -> dict[str, float]:
-        metrics = validate(
-            self.model, self.val_batch, self.device, self.config.train.amp_on(self.device.type)
-        )
+        metrics = validate(self.model, self.val_batch, self.device, self.amp)
         record = {"step": self.step, "stage": stage.name, **terms, **metrics}
         if self.rank == 0:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:

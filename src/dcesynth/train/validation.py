@@ -15,14 +15,11 @@ from dcesynth.metrics import spearman
 
 
 def lesion_means(phases: torch.Tensor, lesion: torch.Tensor) -> np.ndarray:
-    """(N, 1, X, Y, Z) images and bool masks -> (N,) lesion-mean intensities (float64)."""
+    """`(N, T, X, Y, Z)` phases and `(N, 1, X, Y, Z)` bool masks -> `(N, T)` lesion-mean
+    intensities (float64)."""
     weight = lesion.to(phases.dtype)
-    return (
-        ((phases * weight).sum(dim=(1, 2, 3, 4)) / weight.sum(dim=(1, 2, 3, 4)).clamp(min=1))
-        .double()
-        .cpu()
-        .numpy()
-    )
+    voxels = weight.sum(dim=(2, 3, 4)).clamp(min=1)
+    return ((phases * weight).sum(dim=(2, 3, 4)) / voxels).double().cpu().numpy()
 
 
 @torch.no_grad()
@@ -45,18 +42,14 @@ def validate(
     phases, times, lesion = batch["phases"], batch["times_s"], batch["lesion"]
     real_curves, synth_curves = [], []
     for start in range(0, phases.shape[0], chunk):
-        part = phases[start : start + chunk].to(device).unsqueeze(2)
+        part = phases[start : start + chunk].to(device)
         part_times = times[start : start + chunk].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            preds = model(
-                part[:, 0], [part[:, 1]], [part_times[:, 1]], list(part_times[:, 2:].unbind(1))
-            )
+            preds = model(part[:, :1], part[:, 1:2], part_times[:, 1:])
         mask = lesion[start : start + chunk].to(device)
-        real_curves.append(
-            np.stack([lesion_means(part[:, k], mask) for k in range(part.shape[1])], 1)
-        )
-        synth = [part[:, 0], part[:, 1], *[p.float() for p in preds]]
-        synth_curves.append(np.stack([lesion_means(p, mask) for p in synth], 1))
+        real_curves.append(lesion_means(part, mask))
+        synth = torch.cat([part[:, :2], preds.float()], dim=1)
+        synth_curves.append(lesion_means(synth, mask))
     model.train(was_training)
     real, synth = np.concatenate(real_curves), np.concatenate(synth_curves)
     errors = ((real - synth) ** 2).mean(axis=0)
