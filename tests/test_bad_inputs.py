@@ -393,7 +393,7 @@ def mamamia_json_not_json(src):
 
 def mamamia_times_not_numbers(src):
     (src / "patient_info_files" / "p_01.json").write_text('{"acquisition_times": ["soon"]}')
-    return src / "patient_info_files" / "p_01.json", "expected numbers"
+    return src / "patient_info_files" / "p_01.json", "expected comma-separated seconds"
 
 
 def mamamia_truncated_phase(src):

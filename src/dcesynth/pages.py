@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from dcesynth.metrics import PSNR_CAP_DB, TYPED_CURVES
+from dcesynth.kinetics import TYPED_CURVES
+from dcesynth.metrics import PSNR_CAP_DB
 
 LESION_METRICS = ("scc", "dtw", "curve_type_agreement", "kinetic_map_agreement", "enh_error_last")
 """Table 2 columns, in order (keys of a model's metrics.json entry)."""

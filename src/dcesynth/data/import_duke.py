@@ -51,12 +51,12 @@ from dcesynth.data.import_common import (
     FolderIndex,
     assemble_case,
     header_key,
-    nifti_names,
     option_times,
     read_table,
+    roi_from_dir,
     visible_subfolders,
 )
-from dcesynth.io import InputError, load_nifti
+from dcesynth.io import InputError
 
 DYNAMIC = re.compile(r"dyn|(?<![a-z])(pre|post|pass)|(?<![a-z])ph\s*\d|phase\s*\d", re.I)
 NOT_DYNAMIC = re.compile(r"(?<![a-z])(t2|sub|seg|mip|loc|scout|survey|diff|dwi|adc)", re.I)
@@ -124,12 +124,7 @@ class DukeSource:
             where = f"{self.annotations} ({case_id})"
             seg = (where, (box_labels(pre.shape, boxes, order, where), pre_affine))
             extra["seg_is_box"] = True
-        roi = None
-        if self.rois is not None:
-            roi_path = self.rois.find(*nifti_names(case_id))
-            if roi_path is None:
-                raise InputError(f"{self.rois.folder}: breast mask {case_id}.nii.gz missing")
-            roi = (str(roi_path), load_nifti(roi_path))
+        roi = roi_from_dir(self.rois, case_id)
         names = [str(series.folder) for series in phases]
         return assemble_case(
             case_id,

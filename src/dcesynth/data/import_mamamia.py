@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dcesynth.case import Case
+from dcesynth.case import Case, parse_times
 from dcesynth.data.import_common import (
     TIMES_ORIGIN_INJECTION,
     TIMES_ORIGIN_PRE_START,
@@ -31,8 +31,9 @@ from dcesynth.data.import_common import (
     assemble_case,
     nifti_names,
     option_times,
-    parse_times,
+    phase_files,
     read_table,
+    roi_from_dir,
     times_after_pre,
     visible_subfolders,
 )
@@ -79,11 +80,7 @@ class MamaMiaSource:
                 segmentation or ``--roi-dir`` mask, unreadable files, unusable times.
         """
         stem = case_id.lower()
-        paths = FolderIndex(folder).consecutive(lambda k: f"{stem}_{k:04d}")
-        if not paths:
-            raise InputError(f"{folder}: pre-contrast image {stem}_0000.nii.gz missing")
-        if len(paths) < 2:
-            raise InputError(f"{folder}: no post-contrast image {stem}_0001.nii.gz")
+        paths = phase_files(folder, lambda k: f"{stem}_{k:04d}")
         # Images first: a damaged image is named even when the times are missing too.
         phases = [(str(path), load_nifti(path)) for path in paths]
         times_s, origin = self._times(case_id, len(paths))
@@ -93,19 +90,13 @@ class MamaMiaSource:
                 f"{case_id}: expert segmentation segmentations/expert/{stem}.nii.gz missing"
             )
         seg_data, seg_affine = load_nifti(seg_path)
-        roi = None
-        if self.rois is not None:
-            roi_path = self.rois.find(*nifti_names(stem))
-            if roi_path is None:
-                raise InputError(f"{self.rois.folder}: breast mask {stem}.nii.gz missing")
-            roi = (str(roi_path), load_nifti(roi_path))
         return assemble_case(
             case_id,
             self.source,
             phases,
             times_s,
             seg=(str(seg_path), ((seg_data > 0).astype(np.int16), seg_affine)),
-            roi=roi,
+            roi=roi_from_dir(self.rois, stem),
             resample=self.resample,
             extra={"times_origin": origin},
         )

@@ -17,6 +17,7 @@ from dcesynth.data.import_common import (
     assemble_case,
     nifti_names,
     option_times,
+    phase_files,
     visible_subfolders,
 )
 from dcesynth.io import InputError, load_nifti
@@ -43,17 +44,13 @@ class ReferenceSource:
             InputError: missing pre, 1dyn, seg or roi; unreadable images; times
                 missing and no ``--times``; a ``--times`` count that does not match.
         """
-        files = FolderIndex(folder)
-        paths = files.consecutive(lambda k: phase_names(k + 1)[-1])
-        if not paths:
-            raise InputError(f"{folder}: pre.nii.gz missing")
-        if len(paths) < 2:
-            raise InputError(f"{folder}: no post-contrast phase (1dyn.nii.gz) found")
+        paths = phase_files(folder, lambda k: phase_names(k + 1)[-1])
         n_phases = len(paths)
         if self.times_s is None and n_phases == len(PAPER_TIMES_S):
             times_s = list(PAPER_TIMES_S)
         else:
             times_s = option_times(self.times_s, n_phases, where=str(folder))
+        files = FolderIndex(folder)
         masks = {}
         for name in ("seg", "roi"):
             path = files.find(*nifti_names(name))
