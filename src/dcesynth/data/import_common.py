@@ -49,10 +49,14 @@ class FolderIndex:
                 return path
         return None
 
+    def nifti(self, stem: str) -> Path | None:
+        """The NIfTI image called ``stem`` (``stem.nii.gz`` or ``stem.nii``), if there."""
+        return self.find(f"{stem}.nii.gz", f"{stem}.nii")
+
     def consecutive(self, stem: Callable[[int], str]) -> list[Path]:
         """NIfTI files named ``stem(0), stem(1), ...`` up to the first one missing."""
         found: list[Path] = []
-        while (path := self.find(*nifti_names(stem(len(found))))) is not None:
+        while (path := self.nifti(stem(len(found)))) is not None:
             found.append(path)
         return found
 
@@ -79,10 +83,37 @@ def roi_from_dir(rois: FolderIndex | None, stem: str) -> tuple[str, Image] | Non
     """
     if rois is None:
         return None
-    path = rois.find(*nifti_names(stem))
+    path = rois.nifti(stem)
     if path is None:
         raise InputError(f"{rois.folder}: breast mask {stem}.nii.gz missing")
     return str(path), load_nifti(path)
+
+
+class CaseSource:
+    """A cohort on disk with one case per visible sub-folder of ``case_folders``.
+
+    Each importer subclasses it with ``source`` (meta.json's ``"source"``) and ``load``.
+
+    Args:
+        case_folders: the folder holding one folder per case.
+        times_s: the ``--times`` fallback (see ``option_times``).
+        resample: resample grids that differ from the pre phase's instead of refusing them.
+    """
+
+    source = ""
+
+    def __init__(self, case_folders: Path, times_s: list[float] | None, resample: bool):
+        self.case_folders = case_folders
+        self.times_s = times_s
+        self.resample = resample
+
+    def cases(self) -> dict[str, Path]:
+        """Case id (the folder name) -> case folder."""
+        return visible_subfolders(self.case_folders)
+
+    def load(self, case_id: str, folder: Path) -> Case:
+        """Read one case into the contract's layout; InputError naming the bad file."""
+        raise NotImplementedError
 
 
 def visible_subfolders(folder: Path) -> dict[str, Path]:
@@ -92,11 +123,6 @@ def visible_subfolders(folder: Path) -> dict[str, Path]:
         for path in sorted(folder.iterdir())
         if path.is_dir() and not path.name.startswith(".")
     }
-
-
-def nifti_names(stem: str) -> tuple[str, str]:
-    """The file names a NIfTI image called ``stem`` may have."""
-    return f"{stem}.nii.gz", f"{stem}.nii"
 
 
 def header_key(value: Any) -> str:

@@ -48,13 +48,13 @@ from dcesynth.data.dicom_series import (
 from dcesynth.data.import_common import (
     TIMES_ORIGIN_INJECTION,
     TIMES_ORIGIN_PRE_START,
+    CaseSource,
     FolderIndex,
     assemble_case,
     header_key,
     option_times,
     read_table,
     roi_from_dir,
-    visible_subfolders,
 )
 from dcesynth.io import InputError
 
@@ -71,7 +71,7 @@ Box = tuple[int, int, int, int, int, int]
 """(start row, end row, start column, end column, start slice, end slice), 1-based inclusive."""
 
 
-class DukeSource:
+class DukeSource(CaseSource):
     """Cases of a Duke-Breast-Cancer-MRI download, one per patient folder."""
 
     source = "duke"
@@ -85,18 +85,12 @@ class DukeSource:
         annotations: Path | None,
         resample: bool,
     ):
-        self.src = src
-        self.times_s = times_s
+        super().__init__(src, times_s, resample)
         self.rois = FolderIndex(roi_dir) if roi_dir is not None else None
         self.mapping_path = mapping
         self.mapping = read_mapping(mapping) if mapping is not None else None
         self.annotations = annotations
         self.boxes = read_boxes(annotations) if annotations is not None else None
-        self.resample = resample
-
-    def cases(self) -> dict[str, Path]:
-        """Case id (patient folder name) -> patient folder."""
-        return visible_subfolders(self.src)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one patient.

@@ -13,29 +13,19 @@ from pathlib import Path
 from dcesynth.case import PAPER_TIMES_S, Case, phase_names
 from dcesynth.data.import_common import (
     TIMES_ORIGIN_INJECTION,
+    CaseSource,
     FolderIndex,
     assemble_case,
-    nifti_names,
     option_times,
     phase_files,
-    visible_subfolders,
 )
 from dcesynth.io import InputError, load_nifti
 
 
-class ReferenceSource:
+class ReferenceSource(CaseSource):
     """Cases of ``src`` in the reference layout, one sub-folder each."""
 
     source = "reference"
-
-    def __init__(self, src: Path, times_s: list[float] | None, resample: bool):
-        self.src = src
-        self.times_s = times_s
-        self.resample = resample
-
-    def cases(self) -> dict[str, Path]:
-        """Case id (folder name) -> case folder, for every visible sub-folder."""
-        return visible_subfolders(self.src)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one case folder.
@@ -53,7 +43,7 @@ class ReferenceSource:
         files = FolderIndex(folder)
         masks = {}
         for name in ("seg", "roi"):
-            path = files.find(*nifti_names(name))
+            path = files.nifti(name)
             if path is None:
                 raise InputError(f"{folder}: {name}.nii.gz missing")
             masks[name] = (str(path), load_nifti(path))
