@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from dcesynth.case import save_case
 from dcesynth.config import preset
 from dcesynth.io import save_nifti
-from dcesynth.train.trainer import Trainer
+from dcesynth.train.trainer import build_trainer
 from test_case import (
     delete,
     edit_meta,
@@ -290,7 +290,7 @@ def test_train_bad_case(tmp_path, data, damage, file, problem):
 def trained(tmp_path, data):
     """A one-step run on ``data`` (tiny model), to resume."""
     run = tmp_path / "run"
-    Trainer(data, run, tiny(preset("demo"))).fit(max_steps=1)
+    build_trainer(data, run, tiny(preset("demo"))).fit(max_steps=1)
     return run
 
 

@@ -202,7 +202,7 @@ def train(
     from dcesynth.config import preset as make_preset
     from dcesynth.guards import check_out_apart_from_inputs
     from dcesynth.io import check_output_dir
-    from dcesynth.train.trainer import Trainer
+    from dcesynth.train.trainer import build_trainer
 
     if max_steps is not None and max_steps < 1:
         raise InputError(f"--max-steps: must be at least 1, got {max_steps}")
@@ -221,7 +221,7 @@ def train(
         return
     # Held until the run is set up: a warning must not come before an `error:` line.
     setup_logging(hold=True)
-    trainer = Trainer(data, out, config, resume=resume, perceptual_weights=perceptual_weights)
+    trainer = build_trainer(data, out, config, resume, perceptual_weights)
     with trainer:
         show = trainer.rank == 0
         # Under torchrun only rank 0 writes files, the log included.
@@ -540,7 +540,7 @@ def run_comparison(
     Every stage is skipped when its output is already there, so an interrupted run
     continues where it stopped (training resumes from its last checkpoint).
     """
-    from dcesynth.train.checkpoint import REGRESSION_FILE
+    from dcesynth.rundir import RunDir
 
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
     for folder, count, cohort_seed in (
@@ -564,14 +564,13 @@ def run_comparison(
     predictions = {}
     for name in variants:
         run_dir = out / "runs" / name
-        saved = (run_dir / "checkpoints" / "last_state.pt", run_dir / REGRESSION_FILE)
         options = {"no_warmup": False, "no_temporal": False, **VARIANTS[name]}
         train(
             train_dir,
             out=run_dir,
             preset=preset,
             max_steps=None,
-            resume=any(path.is_file() for path in saved),
+            resume=RunDir(run_dir).started,
             perceptual_weights=None,
             seed=seed,
             amp=None,
@@ -635,7 +634,7 @@ def experiment(
 
 
 def setup_logging(run_dir: Path | None = None, hold: bool = False) -> None:
-    """Log to stderr via rich, and to RUN/train.log when a run folder is given.
+    """Log to stderr via rich, and to the run's log file (``RunDir.train_log``) when given.
 
     With ``hold``, records are kept back until the next call, which passes them on to
     its handlers (the log file included); an error in between drops them.
@@ -644,6 +643,8 @@ def setup_logging(run_dir: Path | None = None, hold: bool = False) -> None:
     from logging.handlers import MemoryHandler
 
     from rich.logging import RichHandler
+
+    from dcesynth.rundir import RunDir
 
     logger = logging.getLogger("dcesynth")
     logger.setLevel(logging.INFO)
@@ -654,7 +655,7 @@ def setup_logging(run_dir: Path | None = None, hold: bool = False) -> None:
         return
     logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
     if run_dir is not None:
-        handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        handler = logging.FileHandler(RunDir(run_dir).train_log, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     for record in held:
