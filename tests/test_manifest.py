@@ -1,11 +1,14 @@
 """The predictions manifest: predict writes it, evaluate reads it, and does without it."""
 
+import json
+
 from typer.testing import CliRunner
 
 from dcesynth.case import save_case
 from dcesynth.cli import app
 from dcesynth.manifest import PredictedCase, manifest_path, read_manifest, write_manifest
 from dcesynth.report import evaluate
+from test_infer import make_case, make_run
 from test_report import PREDICTED, _case, _write_predictions
 
 
@@ -15,6 +18,37 @@ def cli(*args):
 
 def entry(inputs, phases, times_s, run="/runs/r", model="iterunet") -> PredictedCase:
     return PredictedCase(run, model, tuple(inputs), tuple(phases), tuple(times_s))
+
+
+def test_predict_writes_run_model_inputs_phases_and_times_of_each_case(tmp_path):
+    run_dir = make_run(tmp_path)
+    case_dir = save_case(make_case(), tmp_path / "data")
+    result = cli(
+        "predict", run_dir, case_dir, "--out", tmp_path / "pred", "--inputs", "pre,1dyn,2dyn"
+    )
+    assert result.exit_code == 0, result.output
+    written = json.loads(manifest_path(tmp_path / "pred").read_text(encoding="utf-8"))
+    assert written == {
+        "cases": {
+            "case_a": {
+                "run": str(run_dir.resolve()),
+                "model": "iterunet",
+                "inputs": ["pre", "1dyn", "2dyn"],
+                "phases": ["3dyn", "4dyn", "5dyn"],
+                "times_s": [225.0, 295.0, 365.0],
+            }
+        }
+    }
+
+
+def test_predicting_more_cases_into_the_folder_keeps_the_earlier_ones(tmp_path):
+    run_dir = make_run(tmp_path)
+    for case_id in ("c1", "c2"):
+        case = make_case()
+        case.case_id = case_id
+        case_dir = save_case(case, tmp_path / "data")
+        assert cli("predict", run_dir, case_dir, "--out", tmp_path / "pred").exit_code == 0
+    assert sorted(read_manifest(tmp_path / "pred")) == ["c1", "c2"]
 
 
 def study(tmp_path):

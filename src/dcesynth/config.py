@@ -205,9 +205,23 @@ PRESETS: dict[str, RunConfig] = {
 
 
 def preset(
-    name: str, model: str = "iterunet", temporal: bool = True, warmup: bool = True
+    name: str,
+    model: str = "iterunet",
+    temporal: bool = True,
+    warmup: bool = True,
+    seed: int | None = None,
+    amp: bool | None = None,
 ) -> RunConfig:
-    """The named preset with the command line's model choice and ablations applied."""
+    """The named preset with the command line's model choice, ablations and overrides applied.
+
+    Args:
+        name: a key of ``PRESETS``.
+        model: one of ``MODEL_CHOICES``.
+        temporal: False is the ablation without time embedding and ConvLSTM.
+        warmup: False is the ablation without the warm-up stage.
+        seed: replaces the preset's seed (training and regression) when given.
+        amp: replaces the preset's bf16 autocast setting when given.
+    """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     if model not in MODEL_CHOICES:
@@ -218,6 +232,8 @@ def preset(
         # Without warm-up the optimisation stage gets the whole budget; the baseline has
         # no feedback loop, so its single stage is the whole budget too.
         train = dataclasses.replace(train, warmup_steps=0, optim_steps=train.total_steps)
+    overrides = {key: value for key, value in (("seed", seed), ("amp", amp)) if value is not None}
+    train = dataclasses.replace(train, **overrides)
     model_config = dataclasses.replace(
         base.model, name=model, temporal=temporal and model == "iterunet"
     )
