@@ -47,9 +47,9 @@ import torch
 from dcesynth.case import Case, load_case, save_case
 from dcesynth.config import PAPER_FEATURES, preset
 from dcesynth.infer import count_region_windows, count_windows, load_run, predict_case
-from dcesynth.io import atomic_write_json
 from dcesynth.model import IterUNet
 from dcesynth.phantom import PhantomConfig, plan_cohort, simulate_case
+from dcesynth.rundir import RunDir
 from dcesynth.train.checkpoint import save_weights
 
 FULL = {"shape": (256, 256, 96), "features": PAPER_FEATURES, "patch": (96, 96, 48)}
@@ -94,11 +94,10 @@ def make_inputs(folder: Path, quick: bool) -> tuple[Path, Path]:
     )
     torch.manual_seed(0)
     model = IterUNet(features=sizes["features"])
-    run_dir = folder / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    save_weights(run_dir / "checkpoints" / "last.safetensors", model)
-    atomic_write_json(run_dir / "config.json", config.to_json())
-    return case_dir, run_dir
+    run = RunDir(folder / "run")
+    run.create(config)
+    save_weights(run.last_weights, model)
+    return case_dir, run.path
 
 
 def lesion_crop(case: Case, patch: tuple[int, int, int]) -> tuple[Case, np.ndarray]:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from dcesynth.case import save_case
 from dcesynth.config import preset
 from dcesynth.io import save_nifti
-from dcesynth.train.trainer import Trainer
+from dcesynth.train.trainer import build_trainer
 from test_case import (
     delete,
     edit_meta,
@@ -290,7 +290,7 @@ def test_train_bad_case(tmp_path, data, damage, file, problem):
 def trained(tmp_path, data):
     """A one-step run on ``data`` (tiny model), to resume."""
     run = tmp_path / "run"
-    Trainer(data, run, tiny(preset("demo"))).fit(max_steps=1)
+    build_trainer(data, run, tiny(preset("demo"))).fit(max_steps=1)
     return run
 
 
@@ -393,7 +393,7 @@ def mamamia_json_not_json(src):
 
 def mamamia_times_not_numbers(src):
     (src / "patient_info_files" / "p_01.json").write_text('{"acquisition_times": ["soon"]}')
-    return src / "patient_info_files" / "p_01.json", "expected numbers"
+    return src / "patient_info_files" / "p_01.json", "expected comma-separated seconds"
 
 
 def mamamia_truncated_phase(src):

@@ -7,7 +7,7 @@ import torch
 from dcesynth.config import preset
 from dcesynth.infer import load_run, predict_case
 from dcesynth.model import IterUNet
-from dcesynth.train.trainer import Trainer, phase_memory_format
+from dcesynth.train.trainer import build_trainer, phase_memory_format
 from test_infer import make_case, make_run
 from test_model import SMALL_FEATURES, TARGET_TIMES_S, phases, with_random_output
 from test_train import cohort, tiny  # noqa: F401 (cohort is a fixture)
@@ -62,7 +62,7 @@ def test_channels_last_rollout_with_gradients_matches_cpu():
 
 def test_training_on_cuda_uses_fused_adamw_and_bf16(cohort, tmp_path):  # noqa: F811
     config = tiny(preset("demo"), amp=None)
-    trainer = Trainer(cohort, tmp_path / "run", config)
+    trainer = build_trainer(cohort, tmp_path / "run", config)
     assert trainer.device.type == "cuda"
     assert config.train.amp_on(trainer.device.type)
     losses = []

@@ -218,7 +218,9 @@ def test_reference_case_without_pre_is_skipped(tmp_path):
     (tmp_path / "src" / "nopre" / "pre.nii.gz").unlink()
     summary = import_cohort("reference", tmp_path / "src", tmp_path / "out")
     assert summary.written == ["good"]
-    assert summary.skipped == [("nopre", f"{tmp_path / 'src' / 'nopre'}: pre.nii.gz missing")]
+    assert summary.skipped == [
+        ("nopre", f"{tmp_path / 'src' / 'nopre'}: pre.nii.gz missing (pre-contrast image)")
+    ]
     assert not (tmp_path / "out" / "nopre").exists()
 
 

@@ -29,7 +29,7 @@ from dcesynth.config import preset
 from dcesynth.data.importers import NothingImportedError, import_cohort
 from dcesynth.io import atomic_write_json
 from dcesynth.regression import RegressionModel
-from dcesynth.train.checkpoint import REGRESSION_FILE
+from dcesynth.rundir import RunDir
 from test_importers import _write_mamamia, _write_reference
 from test_infer import make_case, make_run
 from test_regression import fitted, law_case
@@ -164,7 +164,7 @@ def test_non_finite_prediction_is_refused_naming_the_run_and_not_written(tmp_pat
 def test_non_finite_regression_prediction_is_refused_naming_the_run(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    fitted([law_case(0), law_case(1)]).save(run / REGRESSION_FILE)
+    fitted([law_case(0), law_case(1)]).save(RunDir(run).regression_file)
     atomic_write_json(run / "config.json", preset("demo", model="regression").to_json())
     case_dir = save_case(law_case(2, "case_r"), tmp_path / "data")
     monkeypatch.setattr(

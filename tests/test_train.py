@@ -17,7 +17,8 @@ from dcesynth.cli import app
 from dcesynth.config import PRESETS, RunConfig, preset
 from dcesynth.model import IterUNet, build_model
 from dcesynth.phantom import PhantomConfig, simulate_cohort
-from dcesynth.train.trainer import Trainer
+from dcesynth.rundir import RunDir
+from dcesynth.train.trainer import Trainer, build_trainer
 
 TINY_FEATURES = (4, 4, 8, 8, 16, 4)
 
@@ -67,7 +68,7 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
 def straight_run(cohort, tmp_path_factory):
     """8 uninterrupted fp32 steps (4 warm-up + 4 optimisation): weights and loss per step."""
     run = tmp_path_factory.mktemp("straight")
-    trainer = Trainer(cohort, run, tiny(preset("demo")))
+    trainer = build_trainer(cohort, run, tiny(preset("demo")))
     snapshots, losses = {}, {}
 
     def record(step, stage, terms, speed):
@@ -85,23 +86,29 @@ def test_cli_train_demo_preset_writes_a_run_folder(cohort, tmp_path):
     for name in ("last.safetensors", "last_state.pt", "best.safetensors"):
         assert (run / "checkpoints" / name).is_file(), name
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    assert RunConfig.from_json(config) == preset("demo")
+    # The run records what it learnt from the data: 4 phases after 1dyn.
+    assert RunConfig.from_json(config) == dataclasses.replace(preset("demo"), n_targets=4)
     assert torch.load(run / "checkpoints" / "last_state.pt", weights_only=True)["step"] == 6
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [(entry["step"], entry["stage"]) for entry in log] == [(6, "warm-up")]
     assert (run / "train.log").is_file()
 
 
+def test_the_optimisation_stage_keeps_the_weights_the_warm_up_ended_with(straight_run):
+    warmup = load_file(RunDir(straight_run["run"]).warmup_weights)
+    assert_same_weights(warmup, straight_run["weights"][4])
+
+
 def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, straight_run):
     config = tiny(preset("demo"))
-    Trainer(cohort, tmp_path, config).fit(max_steps=3)
+    build_trainer(cohort, tmp_path, config).fit(max_steps=3)
     # Steps 4-6 cross into the optimisation stage (fresh optimiser from the warm-up weights).
-    across = Trainer(cohort, tmp_path, config, resume=True)
+    across = build_trainer(cohort, tmp_path, config, resume=True)
     assert across.step == 3
     across.fit(max_steps=6)
     assert_same_weights(weights(across), straight_run["weights"][6])
     # Step 7 resumes the optimisation stage's own optimiser and schedule mid-way.
-    within = Trainer(cohort, tmp_path, config, resume=True)
+    within = build_trainer(cohort, tmp_path, config, resume=True)
     assert (within.step, within.optimizer_stage) == (6, "optimisation")
     within.fit(max_steps=7)
     assert_same_weights(weights(within), straight_run["weights"][7])
@@ -137,7 +144,7 @@ def test_cli_ablation_flags_train_and_are_recorded(
 
 def test_baseline_checkpoint_holds_one_unet_per_target_phase(cohort, tmp_path):
     config = tiny(preset("demo", model="baseline"), warmup_steps=0, optim_steps=1)
-    Trainer(cohort, tmp_path, config).fit()
+    build_trainer(cohort, tmp_path, config).fit()
     tensors = load_file(tmp_path / "checkpoints" / "last.safetensors")
     assert {name.split(".")[1] for name in tensors} == {"0", "1", "2", "3"}
     assert all(name.startswith("unets.") for name in tensors)
@@ -160,7 +167,7 @@ def test_warmup_feeds_real_phases_and_optimisation_feeds_own_outputs(cohort, tmp
 
     monkeypatch.setattr(IterUNet, "step", spy_step)
     monkeypatch.setattr(IterUNet, "_teacher_forced", spy_teacher_forced)
-    trainer = Trainer(cohort, tmp_path, tiny(preset("demo"), warmup_steps=1, optim_steps=1))
+    trainer = build_trainer(cohort, tmp_path, tiny(preset("demo"), warmup_steps=1, optim_steps=1))
     trainer.fit()
     (warmup,) = teacher_forced  # the warm-up step runs its four steps as one batch
     assert len(warmup) == 4 and len(stepped) == 4
@@ -196,7 +203,7 @@ def test_resume_without_a_run_exits_2(cohort, tmp_path):
 
 
 def test_bf16_autocast_trains_to_the_same_loss(cohort, tmp_path, straight_run):
-    trainer = Trainer(cohort, tmp_path, tiny(preset("demo"), amp=True))
+    trainer = build_trainer(cohort, tmp_path, tiny(preset("demo"), amp=True))
     losses = {}
     trainer.fit(max_steps=8, on_step=lambda step, stage, terms, speed: losses.update({step: terms}))
     # Trajectories drift apart step by step, so compare the last three steps' mean: bf16
@@ -224,7 +231,7 @@ def train_on_rank(rank, data, run_root, results, port, config):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    with Trainer(data, run_root / f"rank{rank}", config) as trainer:
+    with build_trainer(data, run_root / f"rank{rank}", config) as trainer:
         trainer.fit(max_steps=2)
         torch.save(
             {"weights": weights(trainer), "first_batch": trainer.batches[0]["phases"]},

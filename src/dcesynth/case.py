@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,52 @@ def validate_times(times_s: Any, n_phases: int | None = None, where: str = "time
     if n_phases is not None and len(times) != n_phases:
         raise InputError(f"{where}: {len(times)} times for {n_phases} phases")
     return times
+
+
+def parse_times(value: Any, where: str) -> list[float] | None:
+    """Seconds from a list, a number, or text such as ``"0,85,155"`` or ``"[0, 84.5, 169]"``.
+
+    Text is split at commas, semicolons and white space, brackets aside. A missing value
+    (None, empty text, NaN anywhere: a blank spreadsheet cell) gives None, so that a
+    fallback applies. The times are not checked as a protocol (``validate_times`` does).
+
+    Args:
+        value: the times as the source holds them.
+        where: the file and field, or the option, named in errors.
+
+    Raises:
+        InputError: a value that is present but not numbers.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [t for t in re.split(r"[\s,;]+", value.strip().strip("[]()")) if t]
+        if not items:
+            return None
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, int | float):
+        items = [value]
+    else:
+        raise InputError(f"{where}: expected comma-separated seconds, got {value!r}")
+    try:
+        times = [float(item) for item in items]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where}: expected comma-separated seconds, got {value!r}") from exc
+    if not times or any(math.isnan(t) for t in times):
+        return None
+    return times
+
+
+def check_integer_labels(where: str, data: np.ndarray) -> np.ndarray:
+    """``data`` itself when it holds only whole, finite values (mask labels).
+
+    Raises:
+        InputError: a fraction or a non-finite value; ``where`` names the file.
+    """
+    if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+        raise InputError(f"{where}: mask must hold integer labels")
+    return data
 
 
 @dataclass
@@ -170,12 +217,6 @@ def read_meta(case_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _integer_mask(path: Path, data: np.ndarray) -> np.ndarray:
-    if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
-        raise InputError(f"{path}: mask must hold integer labels")
-    return data
-
-
 def load_images(
     case_dir: Path, names: list[str], shape: tuple[int, ...] | None = None, affine=None
 ) -> tuple[list[np.ndarray], np.ndarray]:
@@ -218,8 +259,8 @@ def load_case(case_dir: Path) -> Case:
         if not np.isfinite(data).all():
             raise InputError(f"{case_dir / (name + '.nii.gz')}: contains NaN or infinite values")
     (seg, roi), _ = load_images(case_dir, ["seg", "roi"], images[0].shape, affine)
-    seg = _integer_mask(case_dir / "seg.nii.gz", seg).astype(np.int16)
-    roi = _integer_mask(case_dir / "roi.nii.gz", roi)
+    seg = check_integer_labels(str(case_dir / "seg.nii.gz"), seg).astype(np.int16)
+    roi = check_integer_labels(str(case_dir / "roi.nii.gz"), roi)
     if not np.isin(roi, (0, 1)).all():
         raise InputError(f"{case_dir / 'roi.nii.gz'}: breast ROI must be 0/1")
     if not roi.any():
@@ -259,3 +300,11 @@ def find_cases(data_dir: Path) -> list[Path]:
     if not cases:
         raise InputError(f"{data_dir}: no case folders (with meta.json) found")
     return cases
+
+
+def expand_case_folders(paths: list[Path]) -> list[Path]:
+    """Case folders from paths that are each a case folder or a folder of cases."""
+    out: list[Path] = []
+    for path in paths:
+        out.extend([path] if is_case_folder(path) else find_cases(path))
+    return out

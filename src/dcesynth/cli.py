@@ -9,9 +9,11 @@ skipped`` and exits 3 when it skipped any (2 when it wrote none).
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +29,7 @@ from rich.progress import (
 )
 
 from dcesynth.io import InputError
+from dcesynth.reporting import CaseProgress, Reporter
 
 app = typer.Typer(
     add_completion=False,
@@ -80,35 +83,21 @@ def exits_on_input_error(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class CaseTally:
-    """Cases a multi-case command wrote or skipped; each skip prints its `error:` line."""
-
-    def __init__(self) -> None:
-        self.written = 0
-        self.skipped = 0
-
-    def skip(self, exc: Exception | str) -> None:
-        print_error(exc)
-        self.skipped += 1
-
-    def finish(self, what: str) -> None:
-        """The summary line on stdout; exit 3 when a case was skipped, 2 when none written."""
-        print(f"{self.written} written, {self.skipped} skipped ({what})")
-        if self.skipped:
-            raise typer.Exit(code=3 if self.written else 2)
+def finish_cases(written: int, skipped: int, what: str) -> None:
+    """A multi-case command's summary line on stdout; exit 3 when it skipped a case (2 when
+    it wrote none)."""
+    print(f"{written} written, {skipped} skipped ({what})")
+    if skipped:
+        raise typer.Exit(code=3 if written else 2)
 
 
-def parse_times(text: str | None) -> list[float] | None:
-    """'0,85,155' -> [0.0, 85.0, 155.0]; validated as acquisition times."""
+def times_option(text: str | None) -> list[float] | None:
+    """``--times`` '0,85,155' -> [0.0, 85.0, 155.0], checked as acquisition times."""
     if text is None:
         return None
-    from dcesynth.case import validate_times
+    from dcesynth.case import parse_times, validate_times
 
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise InputError(f"--times: expected comma-separated seconds, got {text!r}") from exc
-    return validate_times(values, where="--times")
+    return validate_times(parse_times(text, where="--times") or [], where="--times")
 
 
 def progress_bar() -> Progress:
@@ -123,6 +112,109 @@ def progress_bar() -> Progress:
         console=console,
         disable=not console.is_terminal,
     )
+
+
+class BarCaseProgress(CaseProgress):
+    """One progress bar per predicted case, with its window counts once done."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task = None
+
+    def start(self, case_id: str, units: int) -> None:
+        self.task = self.bar.add_task(f"predict {case_id}", total=units, status="")
+
+    def advance(self, units: int) -> None:
+        self.bar.advance(self.task, units)
+
+    def finish(self, prediction) -> None:
+        status = f"{prediction.windows_run} run, {prediction.windows_skipped} skipped (no ROI)"
+        self.bar.update(self.task, status=status)
+
+
+class CliReporter(Reporter):
+    """Progress bars on stderr, results on stdout, an `error:` line for each skipped case."""
+
+    @contextmanager
+    def simulating(self, n_cases):
+        with progress_bar() as bar:
+            task = bar.add_task("simulate", total=n_cases, status="")
+            yield lambda case_id: bar.update(task, advance=1, status=case_id)
+
+    def simulated(self, out_dir, folders):
+        print(f"wrote {len(folders)} cases to {out_dir}")
+
+    def cohort_reported(self, page):
+        print(f"cohort report: {page}")
+
+    def preparing_training(self):
+        # Held until the run is set up: a warning must not come before an `error:` line.
+        setup_logging(hold=True)
+
+    @contextmanager
+    def training(self, trainer, stop):
+        show = trainer.rank == 0
+        # Under torchrun only rank 0 writes files, the log included.
+        setup_logging(trainer.run.train_log if show else None)
+        with progress_bar() as bar:
+            task = bar.add_task(
+                f"train {trainer.config.model.name}",
+                total=stop,
+                completed=trainer.step,
+                status="",
+                visible=show,
+            )
+
+            def on_step(step, stage, terms, speed):
+                status = f"{stage} loss {terms['total']:.3f} {speed:.2f} it/s"
+                bar.update(task, completed=step, status=status)
+
+            yield on_step
+
+    def trained(self, trainer, metrics):
+        if trainer.rank != 0:
+            return
+        logging.getLogger("dcesynth").info(
+            "done: step %d, run in %s", trainer.step, trainer.run.path
+        )
+        if metrics:
+            print(
+                f"step {trainer.step}: val enh. error last phase "
+                f"{metrics['val_enh_error_last']:.4f} (copy 1st post "
+                f"{metrics['val_enh_error_last_copy']:.4f})"
+            )
+
+    @contextmanager
+    def fitting_regression(self):
+        with progress_bar() as bar:
+            task = bar.add_task("fit regression", total=None, status="")
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+
+    def fitted_regression(self, run_dir, model):
+        terms = model.coef.shape[1]
+        print(f"regression: {model.n_targets} target phases, {terms} terms; run in {run_dir}")
+
+    def case_skipped(self, exc):
+        print_error(exc)
+
+    @contextmanager
+    def predicting(self):
+        with progress_bar() as bar:
+            yield BarCaseProgress(bar)
+
+    def predicted(self, out_dir, count):
+        finish_cases(count.written, count.skipped, f"predictions in {out_dir}")
+
+    def evaluated(self, out_dir, metrics, count):
+        if metrics is None:
+            finish_cases(count.written, count.skipped, "no case scored")
+            return
+        print_metrics(metrics)
+        print(f"report: {out_dir / 'index.html'}")
+        finish_cases(count.written, count.skipped, f"cases scored in {out_dir / 'metrics.json'}")
+
+
+REPORTER = CliReporter()
 
 
 @app.command()
@@ -143,34 +235,15 @@ def simulate(
     report: Annotated[bool, typer.Option(help="Also write OUT/report/index.html.")] = False,
 ) -> None:
     """Simulate a breast DCE-MRI cohort with ground-truth kinetics."""
-    from dcesynth.io import check_writable_dir
-    from dcesynth.phantom import PhantomConfig, simulate_cohort
+    from dcesynth import pipeline
+    from dcesynth.phantom import PhantomConfig
 
-    if cases < 1:
-        raise InputError(f"--cases: need at least 1 case, got {cases}")
-    if seed < 0:
-        raise InputError(f"--seed: must be 0 or more, got {seed}")
     config = PhantomConfig(
-        shape=tuple(shape), times_s=tuple(parse_times(times) or PhantomConfig.times_s)
+        shape=tuple(shape), times_s=tuple(times_option(times) or PhantomConfig.times_s)
     )
-    config.validate()
-    check_writable_dir(out)
-    with progress_bar() as bar:
-        task = bar.add_task("simulate", total=cases, status="")
-        folders = simulate_cohort(
-            out,
-            cases,
-            seed=seed,
-            config=config,
-            workers=workers,
-            progress=lambda case_id: bar.update(task, advance=1, status=case_id),
-        )
-    print(f"wrote {len(folders)} cases to {out}")
+    pipeline.simulate(out, cases, seed=seed, config=config, workers=workers, reporter=REPORTER)
     if report:
-        from dcesynth.report import write_cohort_report
-
-        page = write_cohort_report(out, out / "report")
-        print(f"cohort report: {page}")
+        pipeline.report_cohort(out, out / "report", REPORTER)
 
 
 @app.command()
@@ -196,88 +269,21 @@ def train(
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
 ) -> None:
     """Train iterU-Net (two stages), the per-phase baseline or the regression model."""
-    import dataclasses
-    import logging
-
+    from dcesynth import pipeline
     from dcesynth.config import preset as make_preset
-    from dcesynth.guards import check_out_apart_from_inputs
-    from dcesynth.io import check_output_dir
-    from dcesynth.train.trainer import Trainer
 
-    if max_steps is not None and max_steps < 1:
-        raise InputError(f"--max-steps: must be at least 1, got {max_steps}")
-    check_out_apart_from_inputs(out, [data, perceptual_weights])
-    check_output_dir(out, "--out")
-    config = make_preset(preset, model=model, temporal=not no_temporal, warmup=not no_warmup)
-    overrides = {k: v for k, v in (("seed", seed), ("amp", amp)) if v is not None}
-    if overrides:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
-    if seed is not None:
-        config = dataclasses.replace(
-            config, regression=dataclasses.replace(config.regression, seed=seed)
-        )
-    if config.model.name == "regression":
-        train_regression_run(data, out, config, resume)
-        return
-    # Held until the run is set up: a warning must not come before an `error:` line.
-    setup_logging(hold=True)
-    trainer = Trainer(data, out, config, resume=resume, perceptual_weights=perceptual_weights)
-    with trainer:
-        show = trainer.rank == 0
-        # Under torchrun only rank 0 writes files, the log included.
-        setup_logging(out if show else None)
-        total = min(trainer.config.train.total_steps, max_steps or trainer.config.train.total_steps)
-        with progress_bar() as bar:
-            task = bar.add_task(
-                f"train {trainer.config.model.name}",
-                total=total,
-                completed=trainer.step,
-                status="",
-                visible=show,
-            )
-
-            def on_step(step, stage, terms, speed):
-                bar.update(
-                    task,
-                    completed=step,
-                    status=f"{stage} loss {terms['total']:.3f} {speed:.2f} it/s",
-                )
-
-            metrics = trainer.fit(max_steps=max_steps, on_step=on_step)
-    if show:
-        logging.getLogger("dcesynth").info("done: step %d, run in %s", trainer.step, out)
-        if metrics:
-            print(
-                f"step {trainer.step}: val enh. error last phase "
-                f"{metrics['val_enh_error_last']:.4f} (copy 1st post "
-                f"{metrics['val_enh_error_last_copy']:.4f})"
-            )
-
-
-def train_regression_run(data: Path, out: Path, config, resume: bool) -> None:
-    """`train --model regression`: fit the classical model, one progress step per case."""
-    from dcesynth.train.regression_run import train_regression
-
-    with progress_bar() as bar:
-        task = bar.add_task("fit regression", total=None, status="")
-        model = train_regression(
-            data,
-            out,
-            config,
-            resume=resume,
-            on_case=lambda done, total: bar.update(task, completed=done, total=total),
-        )
-    print(f"regression: {model.n_targets} target phases, {model.coef.shape[1]} terms; run in {out}")
-
-
-def expand_cases(paths: list[Path]) -> list[Path]:
-    """Case folders from the arguments: a case folder itself, or a folder of cases."""
-    from dcesynth.case import find_cases, is_case_folder
-
-    out: list[Path] = []
-    for path in paths:
-        out.extend([path] if is_case_folder(path) else find_cases(path))
-    return out
+    config = make_preset(
+        preset, model=model, temporal=not no_temporal, warmup=not no_warmup, seed=seed, amp=amp
+    )
+    pipeline.train(
+        data,
+        out,
+        config,
+        max_steps=max_steps,
+        resume=resume,
+        perceptual_weights=perceptual_weights,
+        reporter=REPORTER,
+    )
 
 
 @app.command()
@@ -294,70 +300,18 @@ def predict(
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
 ) -> None:
     """Synthesize the delayed phases of whole cases, plus a kinetic colour map."""
-    from dcesynth.case import load_case
-    from dcesynth.guards import (
-        check_disk_space,
-        check_holds_no_cases,
-        check_memory,
-        check_out_apart_from_inputs,
-        prediction_needs,
-    )
-    from dcesynth.infer import (
-        input_names,
-        load_run,
-        predict_case,
-        progress_units,
-        write_prediction,
-    )
-    from dcesynth.io import check_output_dir
+    from dcesynth import pipeline
 
-    if not 0 <= overlap < 1:
-        raise InputError(f"--overlap: must be at least 0 and below 1, got {overlap:g}")
-    folders = expand_cases(cases)
-    check_out_apart_from_inputs(out, [*cases, *folders])
-    check_output_dir(out, "--out")
-    check_holds_no_cases(out)
-    n_inputs = len(input_names(inputs))
-    protocol = parse_times(times)
-    loaded = load_run(run)
-    tally = CaseTally()
-    planned, disk_bytes = [], 0
-    for folder in folders:
-        try:
-            case_disk, case_memory = prediction_needs(folder, n_inputs, protocol)
-            check_memory(str(folder), case_memory)
-        except InputError as exc:
-            tally.skip(exc)
-            continue
-        planned.append(folder)
-        disk_bytes += case_disk
-    check_disk_space(out, disk_bytes)
-    with progress_bar() as bar:
-        for folder in planned:
-            try:
-                case = load_case(folder)
-                total = progress_units(loaded, case, overlap)
-                task = bar.add_task(f"predict {case.case_id}", total=total, status="")
-                prediction = predict_case(
-                    loaded,
-                    case,
-                    inputs=inputs,
-                    times_s=protocol,
-                    overlap=overlap,
-                    amp=amp,
-                    on_windows=lambda n, task=task: bar.advance(task, n),
-                )
-            except InputError as exc:
-                tally.skip(exc)
-                continue
-            write_prediction(case, prediction, out)
-            tally.written += 1
-            bar.update(
-                task,
-                status=f"{prediction.windows_run} run, "
-                f"{prediction.windows_skipped} skipped (no ROI)",
-            )
-    tally.finish(f"predictions in {out}")
+    pipeline.predict(
+        run,
+        cases,
+        out,
+        inputs=inputs,
+        overlap=overlap,
+        amp=amp,
+        times_s=times_option(times),
+        reporter=REPORTER,
+    )
 
 
 @app.command()
@@ -368,10 +322,7 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Report folder.")],
 ) -> None:
     """Score predictions against the real phases: metrics.json and index.html."""
-    from dcesynth.guards import check_out_apart_from_inputs
-    from dcesynth.io import check_output_dir
-    from dcesynth.report import NothingEvaluatedError
-    from dcesynth.report import evaluate as run_evaluation
+    from dcesynth import pipeline
 
     predictions = {}
     for item in pred:
@@ -381,17 +332,7 @@ def evaluate(
         if name in predictions:
             raise InputError(f"--pred: model name {name!r} given twice")
         predictions[name] = Path(folder)
-    check_out_apart_from_inputs(out, [data, *predictions.values()])
-    check_output_dir(out, "--out")
-    tally = CaseTally()
-    try:
-        metrics = run_evaluation(data, predictions, out, on_skip=lambda _, exc: tally.skip(exc))
-    except NothingEvaluatedError:
-        tally.finish("no case scored")
-    tally.written = metrics["cases"]
-    print_metrics(metrics)
-    print(f"report: {out / 'index.html'}")
-    tally.finish(f"cases scored in {out / 'metrics.json'}")
+    pipeline.evaluate(data, predictions, out, reporter=REPORTER)
 
 
 def print_metrics(metrics: dict) -> None:
@@ -463,7 +404,7 @@ def import_(
                 kind,
                 src,
                 out,
-                times_s=parse_times(times),
+                times_s=times_option(times),
                 case_ids=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
                 roi_dir=roi_dir,
                 mapping=mapping,
@@ -475,13 +416,11 @@ def import_(
             if not exc.summary.skipped:
                 raise
             summary = exc.summary
-    tally = CaseTally()
     for _, reason in summary.skipped:
-        tally.skip(reason)
-    tally.written = len(summary.written)
+        print_error(reason)
     if summary.written:
         print_import_summary(summary, Table)
-    tally.finish(f"cases imported to {out}")
+    finish_cases(len(summary.written), len(summary.skipped), f"cases imported to {out}")
 
 
 def print_import_summary(summary, table_class) -> None:
@@ -500,95 +439,17 @@ def print_import_summary(summary, table_class) -> None:
 # cohort needs about 100 lesions before intervals can tell models apart.
 DEMO_TRAIN_CASES, DEMO_TEST_LESIONS = 200, 32
 EXPERIMENT_TRAIN_CASES, EXPERIMENT_TEST_LESIONS = 300, 125
-
-# Each variant is a model of the paper's comparison, as `train` options.
-VARIANTS = {
-    "iterunet": {"model": "iterunet"},
-    "baseline": {"model": "baseline"},
-    "no-warmup": {"model": "iterunet", "no_warmup": True},
-    "no-temporal": {"model": "iterunet", "no_temporal": True},
-    "regression": {"model": "regression"},
-}
+DEMO_VARIANTS = ("iterunet", "baseline", "regression")
 
 
-def cases_for_lesions(min_lesions: int, seed: int) -> int:
-    """The fewest phantom cases of cohort ``seed`` that hold at least ``min_lesions`` lesions."""
-    from dcesynth.phantom import plan_cohort
+def compare(what: str, out: Path, preset: str, variants, cases: int, lesions: int, seed: int):
+    """Run `demo` or `experiment` (``pipeline.run_comparison``); say where its report is."""
+    from dcesynth import pipeline
 
-    n_cases = max(1, min_lesions // 2)
-    while sum(len(plan.lesion_types) for plan in plan_cohort(n_cases, seed)) < min_lesions:
-        n_cases += 1
-    return n_cases
-
-
-def run_comparison(
-    out: Path,
-    preset: str,
-    variants: list[str],
-    train_cases: int,
-    test_lesions: int,
-    shape: tuple[int, int, int],
-    seed: int,
-) -> Path:
-    """Simulate train/test cohorts, train each variant, predict the test cases, evaluate.
-
-    The test cohort has the fewest cases that hold ``test_lesions`` lesions.
-
-    Writes OUT/data/{train,test}, OUT/cohort/index.html (the training cohort's lesion
-    curves by type), OUT/runs/VARIANT, OUT/predictions/VARIANT and OUT/report.
-
-    Every stage is skipped when its output is already there, so an interrupted run
-    continues where it stopped (training resumes from its last checkpoint).
-    """
-    from dcesynth.train.checkpoint import REGRESSION_FILE
-
-    train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    for folder, count, cohort_seed in (
-        (train_dir, train_cases, seed),
-        (test_dir, cases_for_lesions(test_lesions, seed + 1), seed + 1),
-    ):
-        if not (folder / f"phantom_{count - 1:04d}" / "meta.json").is_file():
-            simulate(
-                folder,
-                cases=count,
-                seed=cohort_seed,
-                shape=shape,
-                times=None,
-                workers=None,
-                report=False,
-            )
-    if not (out / "cohort" / "index.html").is_file():
-        from dcesynth.report import write_cohort_report
-
-        print(f"cohort report: {write_cohort_report(train_dir, out / 'cohort')}")
-    predictions = {}
-    for name in variants:
-        run_dir = out / "runs" / name
-        saved = (run_dir / "checkpoints" / "last_state.pt", run_dir / REGRESSION_FILE)
-        options = {"no_warmup": False, "no_temporal": False, **VARIANTS[name]}
-        train(
-            train_dir,
-            out=run_dir,
-            preset=preset,
-            max_steps=None,
-            resume=any(path.is_file() for path in saved),
-            perceptual_weights=None,
-            seed=seed,
-            amp=None,
-            **options,
-        )
-        predict(
-            run_dir,
-            [test_dir],
-            out=out / "predictions" / name,
-            inputs="pre,1dyn",
-            times=None,
-            overlap=0.5,
-            amp=None,
-        )
-        predictions[name] = str(out / "predictions" / name)
-    evaluate(test_dir, pred=[f"{k}={v}" for k, v in predictions.items()], out=out / "report")
-    return out / "report" / "index.html"
+    page = pipeline.run_comparison(
+        out, preset, variants, cases, lesions, seed=seed, reporter=REPORTER
+    )
+    print(f"{what} done: open {page}")
 
 
 @app.command()
@@ -598,16 +459,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
 ) -> None:
     """Simulate -> train iterU-Net, the baseline and the regression -> predict -> evaluate."""
-    page = run_comparison(
-        out,
-        "demo",
-        ["iterunet", "baseline", "regression"],
-        train_cases=DEMO_TRAIN_CASES,
-        test_lesions=DEMO_TEST_LESIONS,
-        shape=(64, 64, 32),
-        seed=seed,
-    )
-    print(f"demo done: open {page}")
+    compare("demo", out, "demo", DEMO_VARIANTS, DEMO_TRAIN_CASES, DEMO_TEST_LESIONS, seed)
 
 
 @app.command()
@@ -622,25 +474,15 @@ def experiment(
     seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
 ) -> None:
     """The paper's comparison: iterU-Net, baseline, both ablations and the regression model."""
-    page = run_comparison(
-        out,
-        preset,
-        list(VARIANTS),
-        train_cases=cases,
-        test_lesions=test_lesions,
-        shape=(64, 64, 32),
-        seed=seed,
-    )
-    print(f"experiment done: open {page}")
+    compare("experiment", out, preset, None, cases, test_lesions, seed)
 
 
-def setup_logging(run_dir: Path | None = None, hold: bool = False) -> None:
-    """Log to stderr via rich, and to RUN/train.log when a run folder is given.
+def setup_logging(log_file: Path | None = None, hold: bool = False) -> None:
+    """Log to stderr via rich, and to ``log_file`` (a run's ``RunDir.train_log``) when given.
 
     With ``hold``, records are kept back until the next call, which passes them on to
     its handlers (the log file included); an error in between drops them.
     """
-    import logging
     from logging.handlers import MemoryHandler
 
     from rich.logging import RichHandler
@@ -653,8 +495,8 @@ def setup_logging(run_dir: Path | None = None, hold: bool = False) -> None:
         logger.addHandler(MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1))
         return
     logger.addHandler(RichHandler(console=console, show_path=False, show_time=False))
-    if run_dir is not None:
-        handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     for record in held:

@@ -1,15 +1,14 @@
 """Typed configuration: one frozen dataclass per concern, presets as data.
 
-A run writes its resolved :class:`RunConfig` to ``RUN/config.json`` beside the
-weights, so a run folder explains itself and ``predict`` rebuilds the model from it.
+A run writes its resolved :class:`RunConfig` into its run folder beside the weights
+(``dcesynth.rundir``), so a run folder explains itself and ``predict`` rebuilds the
+model from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dcesynth.io import InputError
@@ -84,10 +83,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a training run needs, written to RUN/config.json.
+    """Everything a training run needs, written to its run folder.
 
     ``regression`` configures the classical model (``model.name == "regression"``),
-    which ignores ``train`` but for its seed.
+    which ignores ``train`` but for its seed. ``n_targets`` is what training learnt
+    from the data: the phases after 1dyn in the training protocol, which the baseline
+    and the regression model predict (iterU-Net predicts any number); None until a
+    run sets it, and in runs whose weights' metadata holds it instead
+    (``RunDir.n_targets``).
     """
 
     preset: str
@@ -95,6 +98,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     version: str = ""
+    n_targets: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,23 +110,17 @@ class RunConfig:
         regression = RegressionConfig(
             **{k: _tuple(v) for k, v in data.get("regression", {}).items()}
         )
+        n_targets = data.get("n_targets")
+        if n_targets is not None and (not isinstance(n_targets, int) or n_targets < 1):
+            raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
         return cls(
             preset=data["preset"],
             model=model,
             train=train,
             regression=regression,
             version=data.get("version", ""),
+            n_targets=n_targets,
         )
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunConfig:
-        path = Path(run_dir) / "config.json"
-        if not path.is_file():
-            raise InputError(f"{path}: not a run folder (config.json missing)")
-        try:
-            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(f"{path}: invalid run config ({exc})") from exc
 
 
 def _tuple(value):
@@ -202,9 +200,23 @@ PRESETS: dict[str, RunConfig] = {
 
 
 def preset(
-    name: str, model: str = "iterunet", temporal: bool = True, warmup: bool = True
+    name: str,
+    model: str = "iterunet",
+    temporal: bool = True,
+    warmup: bool = True,
+    seed: int | None = None,
+    amp: bool | None = None,
 ) -> RunConfig:
-    """The named preset with the command line's model choice and ablations applied."""
+    """The named preset with the command line's model choice, ablations and overrides applied.
+
+    Args:
+        name: a key of ``PRESETS``.
+        model: one of ``MODEL_CHOICES``.
+        temporal: False is the ablation without time embedding and ConvLSTM.
+        warmup: False is the ablation without the warm-up stage.
+        seed: replaces the preset's seed (training and regression) when given.
+        amp: replaces the preset's bf16 autocast setting when given.
+    """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     if model not in MODEL_CHOICES:
@@ -215,6 +227,8 @@ def preset(
         # Without warm-up the optimisation stage gets the whole budget; the baseline has
         # no feedback loop, so its single stage is the whole budget too.
         train = dataclasses.replace(train, warmup_steps=0, optim_steps=train.total_steps)
+    overrides = {key: value for key, value in (("seed", seed), ("amp", amp)) if value is not None}
+    train = dataclasses.replace(train, **overrides)
     model_config = dataclasses.replace(
         base.model, name=model, temporal=temporal and model == "iterunet"
     )

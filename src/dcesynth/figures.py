@@ -17,8 +17,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from dcesynth.kinetics import CurveType
-from dcesynth.metrics import TYPED_CURVES
+from dcesynth.kinetics import TYPED_CURVES, CurveType
 
 TYPE_COLOURS = {
     CurveType.NONE: "#8c8c8c",

@@ -32,7 +32,8 @@ from dcesynth.io import InputError, save_nifti, staged_directory
 from dcesynth.kinetics import kinetic_map
 from dcesynth.model import build_model
 from dcesynth.regression import RegressionModel
-from dcesynth.train.checkpoint import REGRESSION_FILE, load_weights, weights_metadata
+from dcesynth.rundir import RunDir
+from dcesynth.train.checkpoint import load_weights
 
 
 @dataclass
@@ -70,35 +71,25 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
-    """Rebuild the model of ``RUN`` from its config and load its best (else last) weights."""
-    run_dir = Path(run_dir)
-    config = RunConfig.load(run_dir)
+    """Rebuild the model of ``RUN`` from its config and load its weights for prediction."""
+    run = RunDir(run_dir)
+    config = run.config
+    weights = run.weights_for_prediction()
     if config.model.name == "regression":
-        path = run_dir / REGRESSION_FILE
-        return LoadedRun(RegressionModel.load(path), config, torch.device("cpu"), path, run_dir)
-    weights = next(
-        (
-            p
-            for p in (run_dir / "checkpoints" / n for n in ("best.safetensors", "last.safetensors"))
-            if p.is_file()
-        ),
-        None,
-    )
-    if weights is None:
-        raise InputError(f"{run_dir / 'checkpoints'}: no best.safetensors or last.safetensors")
-    text = weights_metadata(weights).get("n_targets", "1")
-    if not text.isdigit() or int(text) < 1:
-        raise InputError(f"{weights}: metadata n_targets must be a positive integer, got {text!r}")
+        return LoadedRun(
+            RegressionModel.load(weights), config, torch.device("cpu"), weights, run.path
+        )
+    n_targets = run.n_targets
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = build_model(
-            config.model.name, config.model.features, config.model.temporal, int(text)
+            config.model.name, config.model.features, config.model.temporal, n_targets
         )
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise InputError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from exc
+        raise InputError(f"{run.config_file}: cannot build the model ({exc})") from exc
     load_weights(weights, model)
     model = accelerate(model.to(device).eval(), device)
-    return LoadedRun(model, config, device, weights, run_dir)
+    return LoadedRun(model, config, device, weights, run.path)
 
 
 def input_names(text: str) -> list[str]:

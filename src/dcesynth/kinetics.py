@@ -34,6 +34,10 @@ class CurveType(IntEnum):
         return self.name.lower()
 
 
+TYPED_CURVES = (CurveType.PERSISTENT, CurveType.PLATEAU, CurveType.WASHOUT)
+"""The three curve types in their order everywhere: tables, mixes, confusion matrices."""
+
+
 @dataclass(frozen=True)
 class CurveRule:
     """Thresholds of the curve-type rule.
@@ -66,15 +70,7 @@ def early_index_mask(times_s: np.ndarray, rule: CurveRule = DEFAULT_RULE) -> np.
 
 
 def early_value(curves: np.ndarray, times_s: np.ndarray, rule: CurveRule = DEFAULT_RULE):
-    """Early signal: max over the early post-contrast phases.
-
-    Args:
-        curves: (..., T) signal per phase.
-        times_s: (T,) seconds after injection.
-
-    Returns:
-        (...) early signal.
-    """
+    """S_early of curves (..., T) at times_s (T,): shape (...), max over the early phases."""
     return np.asarray(curves)[..., early_index_mask(times_s, rule)].max(axis=-1)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.stats import spearmanr
 
-from dcesynth.kinetics import CurveType
+from dcesynth.kinetics import TYPED_CURVES
 
 PSNR_CAP_DB = 100.0
 """PSNR used for identical images when averaging: above any real synthesis result."""
@@ -35,9 +35,6 @@ SSIM_TRUNCATE = (SSIM_KERNEL_SIZE // 2) / SSIM_KERNEL_SIGMA
 """scipy's truncation in sigmas that gives the 11-voxel window."""
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
-
-TYPED_CURVES = (CurveType.PERSISTENT, CurveType.PLATEAU, CurveType.WASHOUT)
-"""Row/column order of ``confusion_matrix``."""
 
 
 def _mask_and_range(real: np.ndarray, synth: np.ndarray, mask: np.ndarray, data_range):
@@ -245,7 +242,7 @@ def confusion_matrix(real_types, synth_types) -> np.ndarray:
 
     Returns:
         (3, 3) int64; rows real, columns synthesized, both in the order persistent,
-        plateau, washout (``TYPED_CURVES``). Pairs where either type is NONE are not
+        plateau, washout (``kinetics.TYPED_CURVES``). Pairs where either type is NONE are not
         counted.
     """
     real, synth = _codes(real_types, "real_types"), _codes(synth_types, "synth_types")

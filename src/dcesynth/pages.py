@@ -8,12 +8,54 @@ printed beside ours for orientation, labelled as the paper's (different data).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from html import escape
 
-from dcesynth.metrics import PSNR_CAP_DB, TYPED_CURVES
+from dcesynth.kinetics import TYPED_CURVES
+from dcesynth.metrics import PSNR_CAP_DB
 
 LESION_METRICS = ("scc", "dtw", "curve_type_agreement", "kinetic_map_agreement", "enh_error_last")
 """Table 2 columns, in order (keys of a model's metrics.json entry)."""
+
+KINETIC_PARAMETERS = ("ktrans_per_min", "ve", "vp", "kep_per_min")
+"""The phantom's ground-truth kinetic parameters of a lesion (meta.json), in column order."""
+
+
+@dataclass(frozen=True)
+class CaseSummary:
+    """What the evaluation page says about one scored case.
+
+    Attributes:
+        times_s: (T,) acquisition times, seconds after injection.
+        shape: (X, Y, Z) voxels.
+        curve_types: the real curve type of each lesion (``CurveType.label``).
+    """
+
+    times_s: list[float]
+    shape: tuple[int, int, int]
+    curve_types: list[str]
+
+
+@dataclass(frozen=True)
+class CohortLesion:
+    """One row of the cohort page.
+
+    Attributes:
+        case_id: the case.
+        label: the lesion's label in seg.nii.gz.
+        voxels: its size in voxels.
+        true_type: the curve type it was made with (meta.json), or "unknown".
+        measured_type: the curve-type rule on its lesion-mean curve.
+        parameters: the known ``KINETIC_PARAMETERS`` (per minute or fractions).
+    """
+
+    case_id: str
+    label: int
+    voxels: int
+    true_type: str
+    measured_type: str
+    parameters: dict[str, float] = field(default_factory=dict)
+
 
 PAGE_STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; color: #222;
@@ -193,12 +235,12 @@ def _confusion_tables(result: dict) -> str:
     return '<div class="row">' + "".join(blocks) + "</div>"
 
 
-def _cohort_summary(summaries: list[dict]) -> str:
-    types = [lesion["curve_type"] for case in summaries for lesion in case["lesions"]]
+def _cohort_summary(summaries: list[CaseSummary]) -> str:
+    types = [curve_type for case in summaries for curve_type in case.curve_types]
     counts = ", ".join(f"{types.count(t.label)} {t.label}" for t in TYPED_CURVES)
-    times = {tuple(case["times_s"]) for case in summaries}
+    times = {tuple(case.times_s) for case in summaries}
     times_text = ", ".join(f"{t:g}" for t in times.pop()) + " s" if len(times) == 1 else "vary"
-    shapes = sorted({" × ".join(map(str, case["shape"])) for case in summaries})
+    shapes = sorted({" × ".join(map(str, case.shape)) for case in summaries})
     return (
         f"<p><b>{len(summaries)} cases, {len(types)} lesions</b> ({counts}; the curve-type "
         f"rule on the real images). Phase times after injection: {times_text}. "
@@ -206,12 +248,14 @@ def _cohort_summary(summaries: list[dict]) -> str:
     )
 
 
-def evaluation_page(result: dict, summaries: list[dict], curves: str, strips: list[str]) -> str:
+def evaluation_page(
+    result: dict, summaries: list[CaseSummary], curves: str, strips: list[str]
+) -> str:
     """The evaluation page.
 
     Args:
         result: the metrics.json content (``report.evaluate``).
-        summaries: per case ``{"times_s", "shape", "lesions"}`` (lesions as in per_case).
+        summaries: one per scored case.
         curves: the kinetic-curve grid (PNG URI).
         strips: image strips of the first cases (PNG URIs).
     """
@@ -270,27 +314,29 @@ def evaluation_page(result: dict, summaries: list[dict], curves: str, strips: li
     return html_page("dcesynth: synthesized delayed phases vs real", "\n".join(body))
 
 
-def cohort_page(n_cases: int, lesions: list[dict], overview: str | None, grid: str | None) -> str:
+def cohort_page(
+    n_cases: int, lesions: list[CohortLesion], overview: str | None, grid: str | None
+) -> str:
     """The cohort page (before any model exists).
 
     Args:
         n_cases: number of cases.
-        lesions: one per lesion: ``case_id``, ``label``, ``voxels``, ``true_type``,
-            ``measured_type`` and, when known, ``ktrans_per_min``, ``ve``, ``vp``,
-            ``kep_per_min``.
+        lesions: one row per lesion.
         overview: all curves in one figure (PNG URI), None when there is no lesion.
         grid: one panel per lesion (PNG URI), None when there is no lesion.
     """
-    parameters = ("ktrans_per_min", "ve", "vp", "kep_per_min")
     rows = [
         [
-            lesion["case_id"],
-            lesion["label"],
-            lesion["voxels"],
-            type_badge(lesion["true_type"]),
-            type_badge(lesion["measured_type"]),
+            lesion.case_id,
+            lesion.label,
+            lesion.voxels,
+            type_badge(lesion.true_type),
+            type_badge(lesion.measured_type),
         ]
-        + [f"{lesion[key]:.3g}" if lesion.get(key) is not None else "–" for key in parameters]
+        + [
+            f"{lesion.parameters[key]:.3g}" if key in lesion.parameters else "–"
+            for key in KINETIC_PARAMETERS
+        ]
         for lesion in lesions
     ]
     header = [
@@ -304,7 +350,7 @@ def cohort_page(n_cases: int, lesions: list[dict], overview: str | None, grid: s
         "v<sub>p</sub>",
         "k<sub>ep</sub> (/min)",
     ]
-    true_types = [lesion["true_type"] for lesion in lesions]
+    true_types = [lesion.true_type for lesion in lesions]
     counts = ", ".join(f"{true_types.count(t.label)} {t.label}" for t in TYPED_CURVES)
     body = [
         f"<p><b>{n_cases} cases, {len(lesions)} lesions</b> ({counts}). True type: the "

@@ -55,10 +55,9 @@ from scipy import ndimage
 from dcesynth import physics
 from dcesynth.case import PAPER_TIMES_S, Case, save_case, validate_times
 from dcesynth.io import InputError
-from dcesynth.kinetics import DEFAULT_RULE, CurveType, classify_curve, late_change
+from dcesynth.kinetics import DEFAULT_RULE, TYPED_CURVES, CurveType, classify_curve, late_change
 
 MIN_SHAPE = (32, 32, 16)
-CURVE_ORDER = (CurveType.PERSISTENT, CurveType.PLATEAU, CurveType.WASHOUT)
 TYPE_MARGIN = 0.02
 
 
@@ -256,10 +255,32 @@ def plan_cohort(n_cases: int, seed: int, mix=(0.26, 0.50, 0.24)) -> list[CasePla
     child_seeds = np.random.SeedSequence(seed).spawn(n_cases)
     plans, start = [], 0
     for i in range(n_cases):
-        chosen = tuple(CURVE_ORDER[t] for t in types[start : start + n_lesions[i]])
+        chosen = tuple(TYPED_CURVES[t] for t in types[start : start + n_lesions[i]])
         start += n_lesions[i]
-        plans.append(CasePlan(f"phantom_{i:04d}", int(child_seeds[i].generate_state(1)[0]), chosen))
+        plans.append(CasePlan(case_id(i), int(child_seeds[i].generate_state(1)[0]), chosen))
     return plans
+
+
+def case_id(index: int) -> str:
+    """The name of case ``index`` (from 0) of a simulated cohort: ``phantom_NNNN``."""
+    return f"phantom_{index:04d}"
+
+
+def cohort_exists(out_dir: Path, n_cases: int) -> bool:
+    """Whether ``out_dir`` holds a cohort of ``n_cases``, judged by its last case.
+
+    Each case appears whole (``save_case``) and the last one is simulated last, so it
+    stands for the cohort (with several workers a neighbour may finish after it).
+    """
+    return (Path(out_dir) / case_id(n_cases - 1) / "meta.json").is_file()
+
+
+def cases_for_lesions(min_lesions: int, seed: int) -> int:
+    """The fewest cases of cohort ``seed`` that hold at least ``min_lesions`` lesions."""
+    n_cases = max(1, min_lesions // 2)
+    while sum(len(plan.lesion_types) for plan in plan_cohort(n_cases, seed)) < min_lesions:
+        n_cases += 1
+    return n_cases
 
 
 def place_lesion(rng, shape, breast_tissue: np.ndarray, taken: np.ndarray, curve_type):
@@ -402,6 +423,15 @@ def _simulate_and_save(args) -> str:
     return plan.case_id
 
 
+def check_cohort(n_cases: int, seed: int, config: PhantomConfig) -> None:
+    """Check what ``simulate_cohort`` is asked for; InputError naming the option otherwise."""
+    if n_cases < 1:
+        raise InputError(f"--cases: need at least 1 case, got {n_cases}")
+    if seed < 0:
+        raise InputError(f"--seed: must be 0 or more, got {seed}")
+    config.validate()
+
+
 def simulate_cohort(
     out_dir: Path,
     n_cases: int,
@@ -423,9 +453,7 @@ def simulate_cohort(
     Returns:
         Case folders in order.
     """
-    if n_cases < 1:
-        raise InputError(f"--cases: need at least 1 case, got {n_cases}")
-    config.validate()
+    check_cohort(n_cases, seed, config)
     plans = plan_cohort(n_cases, seed, config.curve_mix)
     workers = max(1, min(workers or os.cpu_count() or 1, n_cases))
     jobs = [(plan, config, Path(out_dir)) for plan in plans]

@@ -29,168 +29,42 @@ from pathlib import Path
 import numpy as np
 
 from dcesynth import comparison, figures, metrics
-from dcesynth.case import Case, find_cases, load_case, load_images, read_meta
+from dcesynth.case import Case, find_cases, load_case, read_meta
 from dcesynth.comparison import REFERENCE_MODEL
-from dcesynth.data.tinorm import TINorm, fit_case_norm
+from dcesynth.data.tinorm import TINorm
 from dcesynth.io import InputError, atomic_write_bytes, atomic_write_json, check_output_dir
 from dcesynth.kinetics import (
     DEFAULT_RULE,
+    TYPED_CURVES,
     CurveRule,
     CurveType,
-    classify_curve,
-    kinetic_map,
-    lesion_labels,
-    lesion_mean_curve,
     relative_enhancement,
 )
-from dcesynth.pages import LESION_METRICS, cohort_page, evaluation_page
+from dcesynth.pages import (
+    KINETIC_PARAMETERS,
+    LESION_METRICS,
+    CaseSummary,
+    CohortLesion,
+    cohort_page,
+    evaluation_page,
+)
+from dcesynth.scoring import (
+    FIRST_PREDICTED,
+    ModelPredictions,
+    ScoredCase,
+    check_predictions,
+    lesion_curves,
+    model_predictions,
+    score_case,
+)
 from dcesynth.stats import LEVEL, RESAMPLES, resample_counts
 
-FIRST_PREDICTED = 2
-"""Index of the earliest phase a model may predict (2dyn): pre and 1dyn are always inputs."""
 MAX_IMAGE_CASES = 4
 MAX_CURVE_PANELS = 48
 
 
 class NothingEvaluatedError(InputError):
     """Every case was skipped (each one already reported to ``on_skip``)."""
-
-
-def _prediction_folder(pred_dir: Path, case_dir: Path, meta: dict) -> Path:
-    return Path(pred_dir) / str(meta.get("case_id", case_dir.name))
-
-
-def _first_predicted(predictions: dict[str, Path], metas: dict[Path, dict]) -> dict[str, int]:
-    """Each model's first predicted phase; check its prediction folder exists.
-
-    A model predicts the same phases for every case: from its earliest ``kdyn.nii.gz``
-    (k >= 2) in any case to the last phase, without gaps (``_check_predictions``).
-
-    Args:
-        predictions: model name -> prediction folder.
-        metas: case folder -> its meta.json content.
-
-    Returns:
-        Model name -> index of its first predicted phase.
-    """
-    if not predictions:
-        raise InputError("predictions: give at least one model as NAME=DIR")
-    firsts = {}
-    for model, pred_dir in predictions.items():
-        if model == REFERENCE_MODEL:
-            raise InputError(f"{model}: name reserved for the reference row, choose another")
-        if not Path(pred_dir).is_dir():
-            raise InputError(f"{pred_dir}: prediction folder of model {model!r} not found")
-        found = []
-        for case_dir, meta in metas.items():
-            folder = _prediction_folder(pred_dir, case_dir, meta)
-            names = meta["phases"][FIRST_PREDICTED:]
-            found += [
-                k
-                for k, name in enumerate(names, FIRST_PREDICTED)
-                if (folder / f"{name}.nii.gz").is_file()
-            ]
-        firsts[model] = min(found, default=FIRST_PREDICTED)
-    return firsts
-
-
-def _check_predictions(
-    predictions: dict[str, Path], firsts: dict[str, int], case_dir: Path, meta: dict
-) -> None:
-    """Check that every prediction file of one case exists, before any heavy work."""
-    for model, pred_dir in predictions.items():
-        folder = _prediction_folder(pred_dir, case_dir, meta)
-        if not folder.is_dir():
-            raise InputError(f"{folder}: no predictions of model {model!r} for this case")
-        for name in meta["phases"][firsts[model] :]:
-            if not (folder / f"{name}.nii.gz").is_file():
-                raise InputError(f"{folder / name}.nii.gz: predicted phase not found")
-
-
-def _synthesized_series(case: Case, pred_dir: Path, first: int) -> np.ndarray:
-    """(T, X, Y, Z) signal: the real phases before ``first``, the predicted ones from it on."""
-    folder = Path(pred_dir) / case.case_id
-    names = case.phase_names[first:]
-    predicted, _ = load_images(folder, names, case.shape, case.affine)
-    for name, image in zip(names, predicted, strict=True):
-        if not np.isfinite(image).all():
-            raise InputError(f"{folder / name}.nii.gz: contains NaN or infinite values")
-    return np.concatenate([case.phases[:first], np.stack(predicted).astype(np.float32)])
-
-
-def _case_and_predictions(
-    case_dir: Path, predictions: dict[str, Path], firsts: dict[str, int]
-) -> tuple[Case, TINorm, dict[str, np.ndarray]]:
-    """A real case, its TI-norm and each model's synthesized series (T, X, Y, Z)."""
-    case = load_case(case_dir)
-    if len(case.times_s) <= FIRST_PREDICTED:
-        raise InputError(f"{case_dir}: needs a phase after 1dyn to compare")
-    norm = fit_case_norm(case.phases, case.roi, where=str(case_dir))
-    series = {
-        model: _synthesized_series(case, pred_dir, firsts[model])
-        for model, pred_dir in predictions.items()
-    }
-    return case, norm, series
-
-
-def _lesion_curves(phases: np.ndarray, case: Case, rule: CurveRule) -> dict:
-    """Label -> ((T,) lesion-mean signal curve, its CurveType), for phases (T, X, Y, Z)."""
-    curves = {}
-    for label in lesion_labels(case.seg):
-        curve = lesion_mean_curve(phases, case.seg, label)
-        curves[label] = (curve, classify_curve(curve, case.times_s, rule))
-    return curves
-
-
-def _evaluate_model(case: Case, norm: TINorm, real: dict, synth: dict, first: int) -> dict:
-    """One model's per_case entry.
-
-    Args:
-        case: the real case.
-        norm: its TI-norm.
-        real: ``{"curves": _lesion_curves(...), "map": (X, Y, Z) codes}`` of the real series.
-        synth: the same of the synthesized series, plus ``"phases"`` (T, X, Y, Z) signal.
-        first: index of the first predicted phase.
-    """
-    per_phase = {}
-    lesions = [{"label": label, "enh_error": {}} for label in real["curves"]]
-    for k in range(first, len(case.times_s)):
-        name = case.phase_names[k]
-        real_k, synth_k = norm.forward(case.phases[k]), norm.forward(synth["phases"][k])
-        for lesion in lesions:
-            lesion["enh_error"][name] = metrics.enhancement_error(
-                real_k, synth_k, case.seg == lesion["label"]
-            )
-        errors = [lesion["enh_error"][name] for lesion in lesions]
-        per_phase[name] = {
-            "psnr": metrics.capped_psnr(metrics.psnr(real_k, synth_k, case.roi)),
-            "ssim": metrics.ssim(real_k, synth_k, case.roi),
-            "enh_error": float(np.mean(errors)) if errors else None,
-        }
-    for lesion in lesions:
-        real_curve, real_type = real["curves"][lesion["label"]]
-        synth_curve, synth_type = synth["curves"][lesion["label"]]
-        lesion.update(
-            real_type=real_type.label,
-            synth_type=synth_type.label,
-            scc=metrics.spearman(real_curve, synth_curve),
-            dtw=metrics.dtw_distance(norm.forward(real_curve), norm.forward(synth_curve)),
-            curve_type_agreement=float(real_type == synth_type),
-            kinetic_map_agreement=metrics.kinetic_map_agreement(
-                real["map"], synth["map"], case.seg == lesion["label"]
-            ),
-            enh_error_last=lesion["enh_error"][case.phase_names[-1]],
-        )
-    return {"per_phase": per_phase, "lesions": lesions}
-
-
-def _analyse(phases: np.ndarray, case: Case, rule: CurveRule) -> dict:
-    """A series (T, X, Y, Z) with its lesion curves and its kinetic map."""
-    return {
-        "phases": phases,
-        "curves": _lesion_curves(phases, case, rule),
-        "map": kinetic_map(phases, case.times_s, case.roi, rule),
-    }
 
 
 def _square_around(mask: np.ndarray, min_size: int = 40) -> tuple[slice, slice]:
@@ -282,11 +156,99 @@ def _aggregate(per_case: dict, model: str) -> dict:
     mean["confusion_matrix"] = {
         "rows": "real",
         "columns": "synthesized",
-        "labels": [curve_type.label for curve_type in metrics.TYPED_CURVES],
+        "labels": [curve_type.label for curve_type in TYPED_CURVES],
         "counts": counts.tolist(),
     }
     mean["std"] = std
     return mean
+
+
+class _Skips:
+    """Cases left out and why; hands each to ``on_skip``, or raises without one."""
+
+    def __init__(self, on_skip: Callable[[Path, InputError], None] | None):
+        self.on_skip = on_skip
+        self.reasons: dict[str, str] = {}
+
+    def __call__(self, case_dir: Path, exc: InputError) -> None:
+        if self.on_skip is None:
+            raise exc
+        self.on_skip(case_dir, exc)
+        self.reasons[case_dir.name] = " ".join(str(exc).split())
+
+
+def _read_metas(data_dir: Path, skip: _Skips) -> dict[Path, dict]:
+    """Case folder -> meta.json content, for every case of ``data_dir`` that has a good one."""
+    metas = {}
+    for case_dir in find_cases(data_dir):
+        try:
+            metas[case_dir] = read_meta(case_dir)
+        except InputError as exc:
+            skip(case_dir, exc)
+    return metas
+
+
+def _ready_cases(
+    models: dict[str, ModelPredictions], metas: dict[Path, dict], skip: _Skips
+) -> list[Path]:
+    """The case folders every model has all prediction files of."""
+    ready = []
+    for case_dir, meta in metas.items():
+        try:
+            check_predictions(models, case_dir, meta)
+            ready.append(case_dir)
+        except InputError as exc:
+            skip(case_dir, exc)
+    return ready
+
+
+class _Figures:
+    """The evaluation page's figures: lesion curve panels and image strips of the first cases."""
+
+    def __init__(self, first: int):
+        self.first = first
+        self.panels: list[figures.CurvePanel] = []
+        self.strips: list[str] = []
+
+    def add(self, scored: ScoredCase) -> None:
+        for label in scored.analysed["real"]["curves"]:
+            if len(self.panels) < MAX_CURVE_PANELS:
+                self.panels.append(_curve_panel(scored.case, label, scored.analysed, self.first))
+        if scored.record["lesions"] and len(self.strips) < MAX_IMAGE_CASES:
+            slices = _case_slices(scored.case, scored.norm, scored.analysed, scored.record)
+            self.strips.append(figures.case_strip(slices))
+
+
+def _summary(scored: ScoredCase) -> CaseSummary:
+    lesions = scored.record["lesions"]
+    return CaseSummary(
+        scored.case.times_s, scored.case.shape, [lesion["curve_type"] for lesion in lesions]
+    )
+
+
+def _cohort_result(
+    per_case: dict, models: list[str], resamples: int, seed: int, skipped: dict[str, str]
+) -> dict:
+    """The content of metrics.json from the scored cases (see ``evaluate``)."""
+    counts = resample_counts(len(per_case), resamples, seed)
+    samples = {model: comparison.metric_samples(per_case, model) for model in models}
+    paired = comparison.paired_block(samples, counts)
+    return {
+        "cases": len(per_case),
+        "lesions": sum(len(record["lesions"]) for record in per_case.values()),
+        "reference_models": [REFERENCE_MODEL],
+        "models": {
+            model: comparison.with_intervals(
+                _aggregate(per_case, model), comparison.intervals(samples[model], counts)
+            )
+            for model in models
+        },
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "case", "level": LEVEL},
+        "paired": paired,
+        "verdicts": comparison.verdicts(paired, samples),
+        "per_case": per_case,
+        "skipped": skipped,
+    }
 
 
 def evaluate(
@@ -305,7 +267,8 @@ def evaluate(
         predictions: model name -> folder holding ``CASE_ID/{k}dyn.nii.gz`` for every
             case: the predicted phases (signal units, the case's shape and affine)
             from the model's first predicted phase (2dyn, later when more phases were
-            inputs) to the last.
+            inputs) to the last. A folder's manifest (``dcesynth.manifest``) says
+            which phases and cases it holds; without one, its files do.
         out_dir: report folder; gets ``metrics.json`` and ``index.html``, other files
             in it are left alone. Nothing is written unless everything was computed.
         rule: the curve-type rule.
@@ -333,78 +296,27 @@ def evaluate(
             ``on_skip`` was given every case.
     """
     out_dir = check_output_dir(out_dir)
-    skipped: dict[str, str] = {}
-
-    def skip(case_dir: Path, exc: InputError) -> None:
-        if on_skip is None:
-            raise exc
-        on_skip(case_dir, exc)
-        skipped[case_dir.name] = " ".join(str(exc).split())
-
-    metas = {}
-    for case_dir in find_cases(data_dir):
+    skip = _Skips(on_skip)
+    metas = _read_metas(data_dir, skip)
+    models = model_predictions(dict(predictions), metas)
+    firsts = {model: predicted.first for model, predicted in models.items()}
+    firsts[REFERENCE_MODEL] = FIRST_PREDICTED
+    per_case, summaries, drawn = {}, [], _Figures(min(firsts.values()))
+    for case_dir in _ready_cases(models, metas, skip):
         try:
-            metas[case_dir] = read_meta(case_dir)
-        except InputError as exc:
-            skip(case_dir, exc)
-    firsts = _first_predicted(dict(predictions), metas) | {REFERENCE_MODEL: FIRST_PREDICTED}
-    case_dirs = []
-    for case_dir, meta in metas.items():
-        try:
-            _check_predictions(dict(predictions), firsts, case_dir, meta)
-            case_dirs.append(case_dir)
-        except InputError as exc:
-            skip(case_dir, exc)
-    per_case, summaries, panels, strips = {}, [], [], []
-    for case_dir in case_dirs:
-        try:
-            case, norm, series = _case_and_predictions(case_dir, predictions, firsts)
+            scored = score_case(case_dir, models, firsts, rule)
         except InputError as exc:
             skip(case_dir, exc)
             continue
-        series[REFERENCE_MODEL] = case.phases[[0] + [1] * (len(case.times_s) - 1)]
-        analysed = {"real": _analyse(case.phases, case, rule)}
-        analysed |= {model: _analyse(phases, case, rule) for model, phases in series.items()}
-        lesions = [
-            {"label": label, "voxels": int((case.seg == label).sum()), "curve_type": t.label}
-            for label, (_, t) in analysed["real"]["curves"].items()
-        ]
-        models = {
-            model: _evaluate_model(case, norm, analysed["real"], analysed[model], firsts[model])
-            for model in series
-        }
-        per_case[case.case_id] = record = {"lesions": lesions, "models": models}
-        summaries.append({"times_s": case.times_s, "shape": case.shape, "lesions": lesions})
-        for label in analysed["real"]["curves"]:
-            if len(panels) < MAX_CURVE_PANELS:
-                panels.append(_curve_panel(case, label, analysed, min(firsts.values())))
-        if lesions and len(strips) < MAX_IMAGE_CASES:
-            strips.append(figures.case_strip(_case_slices(case, norm, analysed, record)))
-    if skipped and not per_case:
+        per_case[scored.case.case_id] = scored.record
+        summaries.append(_summary(scored))
+        drawn.add(scored)
+    if skip.reasons and not per_case:
         raise NothingEvaluatedError(f"{data_dir}: no case could be evaluated")
-    n_lesions = sum(len(record["lesions"]) for record in per_case.values())
-    if n_lesions == 0:
+    if not any(record["lesions"] for record in per_case.values()):
         raise InputError(f"{data_dir}: no lesion in any seg.nii.gz; the lesion metrics need one")
-    counts = resample_counts(len(per_case), resamples, seed)
-    samples = {model: comparison.metric_samples(per_case, model) for model in firsts}
-    paired = comparison.paired_block(samples, counts)
-    result = {
-        "cases": len(per_case),
-        "lesions": n_lesions,
-        "reference_models": [REFERENCE_MODEL],
-        "models": {
-            model: comparison.with_intervals(
-                _aggregate(per_case, model), comparison.intervals(samples[model], counts)
-            )
-            for model in firsts
-        },
-        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "case", "level": LEVEL},
-        "paired": paired,
-        "verdicts": comparison.verdicts(paired, samples),
-        "per_case": per_case,
-        "skipped": skipped,
-    }
-    page = evaluation_page(result, summaries, figures.curve_grid(panels), strips)
+    result = _cohort_result(per_case, list(firsts), resamples, seed, skip.reasons)
+    page = evaluation_page(result, summaries, figures.curve_grid(drawn.panels), drawn.strips)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", result)
     atomic_write_bytes(out_dir / "index.html", page.encode("utf-8"))
@@ -426,7 +338,7 @@ def write_cohort_report(data_dir: Path, out_dir: Path, rule: CurveRule = DEFAULT
         case = load_case(case_dir)
         n_cases += 1
         truths = {lesion.get("label"): lesion for lesion in case.lesions}
-        for label, (curve, measured) in _lesion_curves(case.phases, case, rule).items():
+        for label, (curve, measured) in lesion_curves(case.phases, case, rule).items():
             truth = truths.get(label, {})
             true_type = str(truth.get("curve_type", "unknown"))
             colour = CurveType.__members__.get(true_type.upper(), measured)
@@ -436,19 +348,14 @@ def write_cohort_report(data_dir: Path, out_dir: Path, rule: CurveRule = DEFAULT
                 title = f"{case.case_id} · lesion {label}\ntrue: {true_type}"
                 title += f", measured: {measured.label}"
                 panels.append(figures.CurvePanel(title, case.times_s, [line]))
-            parameters = ("ktrans_per_min", "ve", "vp", "kep_per_min")
             known = {
-                key: truth[key] for key in parameters if isinstance(truth.get(key), int | float)
+                key: truth[key]
+                for key in KINETIC_PARAMETERS
+                if isinstance(truth.get(key), int | float)
             }
+            voxels = int((case.seg == label).sum())
             lesions.append(
-                {
-                    "case_id": case.case_id,
-                    "label": label,
-                    "voxels": int((case.seg == label).sum()),
-                    "true_type": true_type,
-                    "measured_type": measured.label,
-                    **known,
-                }
+                CohortLesion(case.case_id, label, voxels, true_type, measured.label, known)
             )
     page = cohort_page(
         n_cases,

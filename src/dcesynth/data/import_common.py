@@ -10,7 +10,6 @@ loop turns that into a skip with the message as the reason.
 from __future__ import annotations
 
 import csv
-import math
 import re
 import zipfile
 from collections.abc import Callable, Iterator
@@ -22,9 +21,9 @@ import openpyxl
 from openpyxl.utils.exceptions import InvalidFileException
 from scipy import ndimage
 
-from dcesynth.case import Case, validate_times
+from dcesynth.case import Case, check_integer_labels, validate_times
 from dcesynth.data.breast_mask import automatic_breast_mask
-from dcesynth.io import AFFINE_ATOL, InputError
+from dcesynth.io import AFFINE_ATOL, InputError, load_nifti
 
 Image = tuple[np.ndarray, np.ndarray]
 """An (X, Y, Z) array and its 4x4 RAS+ affine."""
@@ -50,12 +49,71 @@ class FolderIndex:
                 return path
         return None
 
+    def nifti(self, stem: str) -> Path | None:
+        """The NIfTI image called ``stem`` (``stem.nii.gz`` or ``stem.nii``), if there."""
+        return self.find(f"{stem}.nii.gz", f"{stem}.nii")
+
     def consecutive(self, stem: Callable[[int], str]) -> list[Path]:
         """NIfTI files named ``stem(0), stem(1), ...`` up to the first one missing."""
         found: list[Path] = []
-        while (path := self.find(*nifti_names(stem(len(found))))) is not None:
+        while (path := self.nifti(stem(len(found)))) is not None:
             found.append(path)
         return found
+
+
+def phase_files(folder: Path, stem: Callable[[int], str]) -> list[Path]:
+    """The phases' NIfTI files in ``folder``: ``stem(0)`` (pre), ``stem(1)``, ... to a gap.
+
+    Raises:
+        InputError: no pre-contrast image, or no post-contrast image after it.
+    """
+    paths = FolderIndex(folder).consecutive(stem)
+    if not paths:
+        raise InputError(f"{folder}: {stem(0)}.nii.gz missing (pre-contrast image)")
+    if len(paths) < 2:
+        raise InputError(f"{folder}: no post-contrast image {stem(1)}.nii.gz")
+    return paths
+
+
+def roi_from_dir(rois: FolderIndex | None, stem: str) -> tuple[str, Image] | None:
+    """The ``--roi-dir`` breast mask ``stem.nii(.gz)`` with its file name; None without one.
+
+    Raises:
+        InputError: ``--roi-dir`` has no such mask, or it cannot be read.
+    """
+    if rois is None:
+        return None
+    path = rois.nifti(stem)
+    if path is None:
+        raise InputError(f"{rois.folder}: breast mask {stem}.nii.gz missing")
+    return str(path), load_nifti(path)
+
+
+class CaseSource:
+    """A cohort on disk with one case per visible sub-folder of ``case_folders``.
+
+    Each importer subclasses it with ``source`` (meta.json's ``"source"``) and ``load``.
+
+    Args:
+        case_folders: the folder holding one folder per case.
+        times_s: the ``--times`` fallback (see ``option_times``).
+        resample: resample grids that differ from the pre phase's instead of refusing them.
+    """
+
+    source = ""
+
+    def __init__(self, case_folders: Path, times_s: list[float] | None, resample: bool):
+        self.case_folders = case_folders
+        self.times_s = times_s
+        self.resample = resample
+
+    def cases(self) -> dict[str, Path]:
+        """Case id (the folder name) -> case folder."""
+        return visible_subfolders(self.case_folders)
+
+    def load(self, case_id: str, folder: Path) -> Case:
+        """Read one case into the contract's layout; InputError naming the bad file."""
+        raise NotImplementedError
 
 
 def visible_subfolders(folder: Path) -> dict[str, Path]:
@@ -65,11 +123,6 @@ def visible_subfolders(folder: Path) -> dict[str, Path]:
         for path in sorted(folder.iterdir())
         if path.is_dir() and not path.name.startswith(".")
     }
-
-
-def nifti_names(stem: str) -> tuple[str, str]:
-    """The file names a NIfTI image called ``stem`` may have."""
-    return f"{stem}.nii.gz", f"{stem}.nii"
 
 
 def header_key(value: Any) -> str:
@@ -118,37 +171,6 @@ def _sheets(path: Path) -> Iterator[Iterator[tuple]]:
             yield sheet.iter_rows(values_only=True)
     finally:
         book.close()
-
-
-def parse_times(value: Any, where: str) -> list[float] | None:
-    """Numbers from a list or a string such as ``"[0, 84.5, 169]"``; None when absent.
-
-    Missing values (None, empty, NaN anywhere) give None, so that a fallback applies.
-    ``where`` names the file and field in errors.
-
-    Raises:
-        InputError: a value that is present but not a list of numbers.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        tokens = [t for t in re.split(r"[\s,;]+", value.strip().strip("[]()")) if t]
-        if not tokens:
-            return None
-        items: list[Any] = tokens
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    elif isinstance(value, int | float):
-        items = [value]
-    else:
-        raise InputError(f"{where}: expected a list of seconds, got {value!r}")
-    try:
-        times = [float(item) for item in items]
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: expected numbers, got {value!r}") from exc
-    if not times or any(math.isnan(t) for t in times):
-        return None
-    return times
 
 
 def times_after_pre(times: list[float], n_phases: int, where: str) -> list[float]:
@@ -216,10 +238,8 @@ def on_grid(
 
 
 def integer_labels(name: str, data: np.ndarray) -> np.ndarray:
-    """A mask as integers; InputError when it holds fractions or non-finite values."""
-    if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
-        raise InputError(f"{name}: mask must hold integer labels")
-    return np.asarray(data).astype(np.int16)
+    """A mask as int16 labels; InputError when it holds fractions or non-finite values."""
+    return np.asarray(check_integer_labels(name, data)).astype(np.int16)
 
 
 def assemble_case(

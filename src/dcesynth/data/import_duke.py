@@ -48,15 +48,15 @@ from dcesynth.data.dicom_series import (
 from dcesynth.data.import_common import (
     TIMES_ORIGIN_INJECTION,
     TIMES_ORIGIN_PRE_START,
+    CaseSource,
     FolderIndex,
     assemble_case,
     header_key,
-    nifti_names,
     option_times,
     read_table,
-    visible_subfolders,
+    roi_from_dir,
 )
-from dcesynth.io import InputError, load_nifti
+from dcesynth.io import InputError
 
 DYNAMIC = re.compile(r"dyn|(?<![a-z])(pre|post|pass)|(?<![a-z])ph\s*\d|phase\s*\d", re.I)
 NOT_DYNAMIC = re.compile(r"(?<![a-z])(t2|sub|seg|mip|loc|scout|survey|diff|dwi|adc)", re.I)
@@ -71,7 +71,7 @@ Box = tuple[int, int, int, int, int, int]
 """(start row, end row, start column, end column, start slice, end slice), 1-based inclusive."""
 
 
-class DukeSource:
+class DukeSource(CaseSource):
     """Cases of a Duke-Breast-Cancer-MRI download, one per patient folder."""
 
     source = "duke"
@@ -85,18 +85,12 @@ class DukeSource:
         annotations: Path | None,
         resample: bool,
     ):
-        self.src = src
-        self.times_s = times_s
+        super().__init__(src, times_s, resample)
         self.rois = FolderIndex(roi_dir) if roi_dir is not None else None
         self.mapping_path = mapping
         self.mapping = read_mapping(mapping) if mapping is not None else None
         self.annotations = annotations
         self.boxes = read_boxes(annotations) if annotations is not None else None
-        self.resample = resample
-
-    def cases(self) -> dict[str, Path]:
-        """Case id (patient folder name) -> patient folder."""
-        return visible_subfolders(self.src)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one patient.
@@ -124,12 +118,7 @@ class DukeSource:
             where = f"{self.annotations} ({case_id})"
             seg = (where, (box_labels(pre.shape, boxes, order, where), pre_affine))
             extra["seg_is_box"] = True
-        roi = None
-        if self.rois is not None:
-            roi_path = self.rois.find(*nifti_names(case_id))
-            if roi_path is None:
-                raise InputError(f"{self.rois.folder}: breast mask {case_id}.nii.gz missing")
-            roi = (str(roi_path), load_nifti(roi_path))
+        roi = roi_from_dir(self.rois, case_id)
         names = [str(series.folder) for series in phases]
         return assemble_case(
             case_id,

@@ -23,18 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from dcesynth.case import Case
+from dcesynth.case import Case, parse_times
 from dcesynth.data.import_common import (
     TIMES_ORIGIN_INJECTION,
     TIMES_ORIGIN_PRE_START,
+    CaseSource,
     FolderIndex,
     assemble_case,
-    nifti_names,
     option_times,
-    parse_times,
+    phase_files,
     read_table,
+    roi_from_dir,
     times_after_pre,
-    visible_subfolders,
 )
 from dcesynth.io import InputError, load_nifti
 
@@ -42,7 +42,7 @@ TIMES_FIELD = "acquisition_times"
 CLINICAL_TABLE = "clinical_and_imaging_info.xlsx"
 
 
-class MamaMiaSource:
+class MamaMiaSource(CaseSource):
     """Cases of a MAMA-MIA download, one per folder under ``SRC/images``."""
 
     source = "mama-mia"
@@ -54,7 +54,7 @@ class MamaMiaSource:
         images = top.find("images")
         if images is None or not images.is_dir():
             raise InputError(f"{src}: no images/ folder (MAMA-MIA layout expected)")
-        self.images = images
+        super().__init__(images, times_s, resample)
         segmentations = FolderIndex(top.find("segmentations"))
         self.segs = FolderIndex(segmentations.find("expert"))
         self.infos = FolderIndex(top.find("patient_info_files"))
@@ -64,12 +64,6 @@ class MamaMiaSource:
         if self.table_path is not None:
             rows = read_table(self.table_path, required=("patient_id",))
             self.table = {str(row["patient id"]).strip().lower(): row for row in rows}
-        self.times_s = times_s
-        self.resample = resample
-
-    def cases(self) -> dict[str, Path]:
-        """Case id (the images/ folder name) -> that folder."""
-        return visible_subfolders(self.images)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one patient.
@@ -79,33 +73,23 @@ class MamaMiaSource:
                 segmentation or ``--roi-dir`` mask, unreadable files, unusable times.
         """
         stem = case_id.lower()
-        paths = FolderIndex(folder).consecutive(lambda k: f"{stem}_{k:04d}")
-        if not paths:
-            raise InputError(f"{folder}: pre-contrast image {stem}_0000.nii.gz missing")
-        if len(paths) < 2:
-            raise InputError(f"{folder}: no post-contrast image {stem}_0001.nii.gz")
+        paths = phase_files(folder, lambda k: f"{stem}_{k:04d}")
         # Images first: a damaged image is named even when the times are missing too.
         phases = [(str(path), load_nifti(path)) for path in paths]
         times_s, origin = self._times(case_id, len(paths))
-        seg_path = self.segs.find(*nifti_names(stem))
+        seg_path = self.segs.nifti(stem)
         if seg_path is None:
             raise InputError(
                 f"{case_id}: expert segmentation segmentations/expert/{stem}.nii.gz missing"
             )
         seg_data, seg_affine = load_nifti(seg_path)
-        roi = None
-        if self.rois is not None:
-            roi_path = self.rois.find(*nifti_names(stem))
-            if roi_path is None:
-                raise InputError(f"{self.rois.folder}: breast mask {stem}.nii.gz missing")
-            roi = (str(roi_path), load_nifti(roi_path))
         return assemble_case(
             case_id,
             self.source,
             phases,
             times_s,
             seg=(str(seg_path), ((seg_data > 0).astype(np.int16), seg_affine)),
-            roi=roi,
+            roi=roi_from_dir(self.rois, stem),
             resample=self.resample,
             extra={"times_origin": origin},
         )

@@ -13,28 +13,19 @@ from pathlib import Path
 from dcesynth.case import PAPER_TIMES_S, Case, phase_names
 from dcesynth.data.import_common import (
     TIMES_ORIGIN_INJECTION,
+    CaseSource,
     FolderIndex,
     assemble_case,
-    nifti_names,
     option_times,
-    visible_subfolders,
+    phase_files,
 )
 from dcesynth.io import InputError, load_nifti
 
 
-class ReferenceSource:
+class ReferenceSource(CaseSource):
     """Cases of ``src`` in the reference layout, one sub-folder each."""
 
     source = "reference"
-
-    def __init__(self, src: Path, times_s: list[float] | None, resample: bool):
-        self.src = src
-        self.times_s = times_s
-        self.resample = resample
-
-    def cases(self) -> dict[str, Path]:
-        """Case id (folder name) -> case folder, for every visible sub-folder."""
-        return visible_subfolders(self.src)
 
     def load(self, case_id: str, folder: Path) -> Case:
         """Read one case folder.
@@ -43,20 +34,16 @@ class ReferenceSource:
             InputError: missing pre, 1dyn, seg or roi; unreadable images; times
                 missing and no ``--times``; a ``--times`` count that does not match.
         """
-        files = FolderIndex(folder)
-        paths = files.consecutive(lambda k: phase_names(k + 1)[-1])
-        if not paths:
-            raise InputError(f"{folder}: pre.nii.gz missing")
-        if len(paths) < 2:
-            raise InputError(f"{folder}: no post-contrast phase (1dyn.nii.gz) found")
+        paths = phase_files(folder, lambda k: phase_names(k + 1)[-1])
         n_phases = len(paths)
         if self.times_s is None and n_phases == len(PAPER_TIMES_S):
             times_s = list(PAPER_TIMES_S)
         else:
             times_s = option_times(self.times_s, n_phases, where=str(folder))
+        files = FolderIndex(folder)
         masks = {}
         for name in ("seg", "roi"):
-            path = files.find(*nifti_names(name))
+            path = files.nifti(name)
             if path is None:
                 raise InputError(f"{folder}: {name}.nii.gz missing")
             masks[name] = (str(path), load_nifti(path))

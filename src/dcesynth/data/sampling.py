@@ -67,6 +67,20 @@ def prepare_case(case: Case, patch: Sequence[int]) -> PreparedCase:
     )
 
 
+def shared_phase_count(cases: list[PreparedCase], where: str) -> int:
+    """The number of phases T that all ``cases`` have (batches stack them).
+
+    Raises:
+        InputError: the cases have different numbers of phases; ``where`` names them.
+    """
+    counts = {case.phases.shape[0] for case in cases}
+    if len(counts) != 1:
+        raise InputError(
+            f"{where}: cases must share one protocol length; got phase counts {sorted(counts)}"
+        )
+    return counts.pop()
+
+
 def crop_start(centre: np.ndarray, patch: Sequence[int], shape: Sequence[int]) -> np.ndarray:
     """Corner of a ``patch`` centred at ``centre``, shifted to lie inside ``shape``."""
     start = np.asarray(centre) - np.asarray(patch) // 2
@@ -138,11 +152,7 @@ class PatchBatches(torch.utils.data.Dataset):
         augment: bool = True,
         lesion_offset: float = 0.0,
     ):
-        counts = {c.phases.shape[0] for c in cases}
-        if len(counts) != 1:
-            raise InputError(
-                f"training cases must share one protocol length; got phase counts {sorted(counts)}"
-            )
+        shared_phase_count(cases, "training")
         if any(len(c.roi_voxels) == 0 for c in cases):
             raise InputError("a training case has an empty breast ROI")
         self.cases, self.patch = cases, tuple(patch)

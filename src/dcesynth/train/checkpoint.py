@@ -1,18 +1,8 @@
 """Checkpoints that resume exactly and load without executing pickled code.
 
-A run folder::
-
-    RUN/config.json                  resolved RunConfig (see dcesynth.config)
-    RUN/checkpoints/last.safetensors weights at the last saved step
-    RUN/checkpoints/last_state.pt    step, stage, optimizer and scheduler state
-    RUN/checkpoints/best.safetensors weights with the lowest validation error
-    RUN/checkpoints/warmup.safetensors weights at the end of the warm-up stage
-    RUN/log.jsonl                    one JSON line per validation
-    RUN/train.log                    the human-readable log
-    RUN/regression.safetensors       the fitted model of a regression run (no checkpoints)
-
-Weights are safetensors; the training state holds only tensors, numbers and
-strings and is read with ``torch.load(weights_only=True)``, which refuses code.
+Weights are safetensors; the training state holds only tensors, numbers and strings
+and is read with ``torch.load(weights_only=True)``, which refuses code. Where a run
+keeps them: ``dcesynth.rundir``.
 """
 
 from __future__ import annotations
@@ -26,8 +16,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from dcesynth.io import InputError, atomic_write_bytes
-
-REGRESSION_FILE = "regression.safetensors"
 
 
 def save_weights(path: Path, model: torch.nn.Module, step: int | None = None) -> None:

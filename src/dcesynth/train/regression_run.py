@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
 
 from dcesynth.case import find_cases, load_case
 from dcesynth.config import RunConfig
-from dcesynth.io import InputError, atomic_write_json, check_writable_dir
+from dcesynth.io import check_writable_dir
 from dcesynth.regression import RegressionModel, fit_regression
-from dcesynth.train.checkpoint import REGRESSION_FILE
+from dcesynth.rundir import RunDir
 
 
 def train_regression(
@@ -20,7 +21,7 @@ def train_regression(
     resume: bool = False,
     on_case: Callable[[int, int], None] | None = None,
 ) -> RegressionModel:
-    """Fit on every case of ``data_dir``; write RUN/config.json and RUN/regression.safetensors.
+    """Fit on every case of ``data_dir``; write the run's config and fitted model (``RunDir``).
 
     Args:
         data_dir: folder of training cases sharing one protocol.
@@ -33,20 +34,19 @@ def train_regression(
         InputError: ``run_dir`` holds a run already (without ``resume``), or the
             cohort cannot be fitted (see ``fit_regression``).
     """
-    run_dir = Path(run_dir)
-    path = run_dir / REGRESSION_FILE
-    if path.is_file():
-        if resume:
-            return RegressionModel.load(path)
-        raise InputError(f"{run_dir}: holds a run already; use --resume or a new --out")
+    run = RunDir(run_dir)
+    if resume and run.regression_file.is_file():
+        return RegressionModel.load(run.regression_file)
+    if not resume:
+        run.check_unused()
     case_dirs = find_cases(data_dir)
-    check_writable_dir(run_dir)
+    check_writable_dir(run.path)
     loaders = [functools.partial(load_case, case_dir) for case_dir in case_dirs]
     model = fit_regression(
         loaders,
         config.regression,
         on_case=(lambda done: on_case(done, len(loaders))) if on_case else None,
     )
-    model.save(path)
-    atomic_write_json(run_dir / "config.json", config.to_json())
+    model.save(run.regression_file)
+    run.write_config(dataclasses.replace(config, n_targets=model.n_targets))
     return model

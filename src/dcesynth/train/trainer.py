@@ -12,13 +12,13 @@ resumed from its last checkpoint continues exactly; with several processes
 (``torchrun``) each rank draws its own patches and DistributedDataParallel
 averages the gradients. The Trainer joins the process group that torchrun
 describes in the environment (NCCL on CUDA, gloo on CPU) and leaves it in
-``close`` (or at the end of a ``with Trainer(...)`` block); only rank 0 writes
+``close`` (or at the end of a ``with build_trainer(...)`` block); only rank 0 writes
 files.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -35,10 +35,17 @@ import torch.distributed as dist
 
 from dcesynth.accel import accelerate, make_adamw, tune_process, use_bf16
 from dcesynth.case import find_cases, load_case
-from dcesynth.config import RunConfig
-from dcesynth.data.sampling import PatchBatches, prepare_case, validation_patches
-from dcesynth.io import InputError, atomic_write_json, check_writable_dir
+from dcesynth.config import RunConfig, TrainConfig
+from dcesynth.data.sampling import (
+    PatchBatches,
+    PreparedCase,
+    prepare_case,
+    shared_phase_count,
+    validation_patches,
+)
+from dcesynth.io import InputError
 from dcesynth.model import build_model
+from dcesynth.rundir import RunDir
 from dcesynth.train.checkpoint import (
     load_state,
     load_weights,
@@ -140,81 +147,45 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig, stage: Stage):
 
 
 class Trainer:
-    """Holds a run: data, model, loss, optimiser; `fit` trains it to the end or `max_steps`."""
+    """Holds a run: data, model, loss, optimiser; `fit` trains it to the end or `max_steps`.
+
+    Built by :func:`build_trainer`, which loads the data, makes the model and restores a
+    resumed run.
+
+    Args:
+        run: the run folder.
+        config: the run's config.
+        device: where the model trains.
+        model: the model, on ``device``.
+        loss: the training loss, on ``device``.
+        batches: the training batches by step.
+        val_batch: the fixed validation patches (``validation_patches``).
+        rank: this process's rank (only rank 0 writes files).
+        net: what a step calls: ``model`` or its DistributedDataParallel wrapper.
+        owns_process_group: whether ``close`` leaves the process group.
+    """
 
     def __init__(
         self,
-        data_dir: Path,
-        run_dir: Path,
+        run: RunDir,
         config: RunConfig,
-        resume: bool = False,
-        perceptual_weights: Path | None = None,
+        device: torch.device,
+        model: torch.nn.Module,
+        loss: CombinedLoss,
+        batches: PatchBatches,
+        val_batch: dict[str, torch.Tensor],
+        rank: int = 0,
+        net: torch.nn.Module | None = None,
+        owns_process_group: bool = False,
     ):
-        self.run_dir, self.config = Path(run_dir), config
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = select_device()
-        tune_process(self.device)
-        self.owns_process_group = init_distributed(self.world, self.device)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        if resume:
-            saved = RunConfig.load(self.run_dir)
-            if saved.model != config.model or saved.train != config.train:
-                log.info("resuming with the run's own config from %s", self.run_dir / "config.json")
-            self.config = config = saved
-        elif (self.ckpt_dir / "last_state.pt").exists():
-            raise InputError(f"{self.run_dir}: holds a run already; use --resume or a new --out")
-        train = config.train
-        self.amp = use_bf16(self.device, train.amp)
-        case_dirs = find_cases(data_dir)
-        if len(case_dirs) < 2:
-            raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
-        train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
-        self.train_cases = [prepare_case(load_case(d), train.patch) for d in train_dirs]
-        self.val_cases = [prepare_case(load_case(d), train.patch) for d in val_dirs]
-        counts = {c.phases.shape[0] for c in self.train_cases + self.val_cases}
-        if len(counts) != 1:
-            raise InputError(
-                f"{data_dir}: cases must share one protocol length; got phase counts "
-                f"{sorted(counts)}"
-            )
-        n_phases = counts.pop()
-        if n_phases < 3:
-            raise InputError(f"{data_dir}: training needs at least 3 phases (pre, 2 post)")
-        self.batches = PatchBatches(
-            self.train_cases,
-            train.patch,
-            train.cases_per_step,
-            train.total_steps,
-            train.seed,
-            self.rank,
-            lesion_offset=train.lesion_offset,
-        )
-        self.val_batch = validation_patches(self.val_cases, train.patch)
-        torch.manual_seed(train.seed)
-        self.model = build_model(
-            config.model.name, config.model.features, config.model.temporal, n_phases - 2
-        ).to(self.device)
-        accelerate(self.model, self.device)
-        self.net = self.model
-        if self.world > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        try:
-            perceptual = load_perceptual_network(perceptual_weights)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        self.loss = accelerate(
-            CombinedLoss(LossWeights(*train.loss_weights), perceptual).to(self.device), self.device
-        )
+        self.run, self.config, self.device = run, config, device
+        self.model, self.net = model, model if net is None else net
+        self.loss, self.batches, self.val_batch = loss, batches, val_batch
+        self.rank, self.owns_process_group = rank, owns_process_group
+        self.amp = use_bf16(device, config.train.amp)
         self.stages = stages(config)
         self.step, self.best = 0, math.inf
         self.optimizer = self.scheduler = self.optimizer_stage = None
-        if resume:
-            self._restore()
-        elif self.rank == 0:
-            check_writable_dir(self.ckpt_dir)
-            atomic_write_json(self.run_dir / "config.json", config.to_json())
 
     def close(self) -> None:
         """Leave the process group if this Trainer joined it."""
@@ -231,28 +202,31 @@ class Trainer:
     def stage_at(self, step: int) -> Stage:
         return next(s for s in self.stages if s.start <= step < s.stop)
 
-    def _restore(self) -> None:
-        state = load_state(self.ckpt_dir / "last_state.pt")
-        weights = self.ckpt_dir / "last.safetensors"
+    def restore(self) -> None:
+        """Continue from the run's last checkpoint: weights, step, best, optimiser, schedule."""
+        state = load_state(self.run.state)
+        weights = self.run.last_weights
         load_weights(weights, self.model)
         self.step, self.best = int(state["step"]), float(state["best"])
         if weights_metadata(weights).get("step") != str(self.step):
             # The two files are written one after the other; a crash between them
             # leaves a pair from different steps, which would not resume exactly.
-            raise InputError(f"{weights}: weights are not from step {self.step} of last_state.pt")
+            raise InputError(
+                f"{weights}: weights are not from step {self.step} of {self.run.state.name}"
+            )
         if self.step < self.config.train.total_steps and state["stage"] is not None:
-            stage = next(s for s in self.stages if s.name == state["stage"])
-            self._enter(stage, announce=False)
+            self._enter(next(s for s in self.stages if s.name == state["stage"]))
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        log.info("resumed %s at step %d", self.run_dir, self.step)
+        log.info("resumed %s at step %d", self.run.path, self.step)
 
     def save(self) -> None:
+        """Write the last weights and training state (rank 0)."""
         if self.rank != 0:
             return
-        save_weights(self.ckpt_dir / "last.safetensors", self.model, step=self.step)
+        save_weights(self.run.last_weights, self.model, step=self.step)
         save_state(
-            self.ckpt_dir / "last_state.pt",
+            self.run.state,
             {
                 "step": self.step,
                 "best": self.best,
@@ -318,7 +292,10 @@ class Trainer:
             for batch in loader:
                 stage = self.stage_at(self.step)
                 if stage.name != self.optimizer_stage:
+                    if stage.start > 0:
+                        self.save_warmup_weights()
                     self._enter(stage)
+                    log.info("stage %s: steps %d-%d", stage.name, stage.start, stage.stop)
                 terms = self.train_step(batch, stage)
                 self.step += 1
                 done += 1
@@ -332,24 +309,24 @@ class Trainer:
                     raise KeyboardInterrupt
         return metrics
 
-    def _enter(self, stage: Stage, announce: bool = True) -> None:
+    def _enter(self, stage: Stage) -> None:
         """Start ``stage`` with a fresh optimiser (stage 2 starts from the warm-up weights)."""
         self.optimizer, self.scheduler = make_optimizer(self.model, self.config, stage)
         self.optimizer_stage = stage.name
-        if announce:
-            if stage.start > 0 and self.rank == 0:
-                save_weights(self.ckpt_dir / "warmup.safetensors", self.model)
-            log.info("stage %s: steps %d-%d", stage.name, stage.start, stage.stop)
+
+    def save_warmup_weights(self) -> None:
+        """Keep the weights the warm-up stage ended with (rank 0)."""
+        if self.rank == 0:
+            save_weights(self.run.warmup_weights, self.model)
 
     def validate_and_save(self, stage: Stage, terms: dict[str, float]) -> dict[str, float]:
         metrics = validate(self.model, self.val_batch, self.device, self.amp)
         record = {"step": self.step, "stage": stage.name, **terms, **metrics}
         if self.rank == 0:
-            with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.run.append_log(record)
             if metrics["val_enh_error_last"] < self.best:
                 self.best = metrics["val_enh_error_last"]
-                save_weights(self.ckpt_dir / "best.safetensors", self.model)
+                save_weights(self.run.best_weights, self.model)
         self.save()
         log.info(
             "step %d %s loss %.4f val enh. error last %.4f (copy 1st post %.4f)",
@@ -360,3 +337,140 @@ class Trainer:
             metrics["val_enh_error_last_copy"],
         )
         return metrics
+
+
+def resolve_config(run: RunDir, config: RunConfig, resume: bool) -> RunConfig:
+    """The config to train with: the run's own when resuming, else ``config`` for a new run.
+
+    Raises:
+        InputError: a new run in a folder that holds one, or a resumed one without a config.
+    """
+    if not resume:
+        run.check_unused()
+        return config
+    saved = run.config
+    if saved.model != config.model or saved.train != config.train:
+        log.info("resuming with the run's own config from %s", run.config_file)
+    return saved
+
+
+def load_training_cases(
+    data_dir: Path, train: TrainConfig
+) -> tuple[list[PreparedCase], list[PreparedCase]]:
+    """The training and validation cases of ``data_dir``, split by ``train``'s seed.
+
+    Raises:
+        InputError: fewer than 2 cases, a bad case, cases of different protocol lengths
+            or fewer than 3 phases.
+    """
+    case_dirs = find_cases(data_dir)
+    if len(case_dirs) < 2:
+        raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
+    train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
+    train_cases = [prepare_case(load_case(d), train.patch) for d in train_dirs]
+    val_cases = [prepare_case(load_case(d), train.patch) for d in val_dirs]
+    if shared_phase_count(train_cases + val_cases, str(data_dir)) < 3:
+        raise InputError(f"{data_dir}: training needs at least 3 phases (pre, 2 post)")
+    return train_cases, val_cases
+
+
+def prepare_process(world: int) -> tuple[torch.device, bool]:
+    """This process's device, tuned (``dcesynth.accel.tune_process``), in the process group.
+
+    Returns:
+        The device, and whether this call created the process group (``init_distributed``).
+    """
+    device = select_device()
+    tune_process(device)
+    return device, init_distributed(world, device)
+
+
+def distributed(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel when there are several processes."""
+    if world <= 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def build_loss(train: TrainConfig, perceptual_weights: Path | None) -> CombinedLoss:
+    """The training loss; the perceptual term reads MedicalNet weights from a local file.
+
+    Raises:
+        InputError: ``perceptual_weights`` missing or not MedicalNet ResNet-10 weights.
+    """
+    try:
+        perceptual = load_perceptual_network(perceptual_weights)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return CombinedLoss(LossWeights(*train.loss_weights), perceptual)
+
+
+def build_trainer(
+    data_dir: Path,
+    run_dir: Path,
+    config: RunConfig,
+    resume: bool = False,
+    perceptual_weights: Path | None = None,
+) -> Trainer:
+    """Set up a training run: device, process group, data, model, loss; resume or start it.
+
+    A new run gets its config, with ``n_targets`` from the data, written to its folder
+    (rank 0) once everything is set up, so a bad input leaves nothing behind.
+
+    Args:
+        data_dir: folder of training cases sharing one protocol.
+        run_dir: the run folder (``RunDir``).
+        config: the run's config; when resuming, the run's own config is used instead.
+        resume: continue the run in ``run_dir`` from its last checkpoint.
+        perceptual_weights: MedicalNet ResNet-10 weights; None turns the perceptual term off.
+
+    Raises:
+        InputError: see ``resolve_config``, ``load_training_cases`` and ``build_loss``;
+            a resumed run whose checkpoint cannot be read or does not fit.
+    """
+    run = RunDir(run_dir)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device, owns_process_group = prepare_process(world)
+    config = resolve_config(run, config, resume)
+    train = config.train
+    train_cases, val_cases = load_training_cases(data_dir, train)
+    n_phases = train_cases[0].phases.shape[0]  # the same in every case (checked on loading)
+    if not resume:
+        config = dataclasses.replace(config, n_targets=n_phases - 2)
+    batches = PatchBatches(
+        train_cases,
+        train.patch,
+        train.cases_per_step,
+        train.total_steps,
+        train.seed,
+        rank,
+        lesion_offset=train.lesion_offset,
+    )
+    val_batch = validation_patches(val_cases, train.patch)
+    # The model's initial weights depend on the seed alone: it is built right after seeding.
+    torch.manual_seed(train.seed)
+    model = build_model(
+        config.model.name, config.model.features, config.model.temporal, n_phases - 2
+    ).to(device)
+    accelerate(model, device)
+    net = distributed(model, device, world)
+    loss = accelerate(build_loss(train, perceptual_weights).to(device), device)
+    trainer = Trainer(
+        run,
+        config,
+        device,
+        model,
+        loss,
+        batches,
+        val_batch,
+        rank=rank,
+        net=net,
+        owns_process_group=owns_process_group,
+    )
+    if resume:
+        trainer.restore()
+    elif rank == 0:
+        run.create(config)
+    return trainer

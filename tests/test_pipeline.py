@@ -1,0 +1,64 @@
+"""The comparison pipeline: simulate -> train -> predict -> evaluate -> report, as plain calls."""
+
+import json
+
+import pytest
+
+from dcesynth import pipeline
+from dcesynth.cli import REPORTER
+from dcesynth.manifest import read_manifest
+from dcesynth.phantom import cases_for_lesions
+from dcesynth.rundir import RunDir
+
+SIZES = dict(train_cases=3, test_lesions=2, shape=(32, 32, 16), seed=0)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """The regression model's comparison (no network: seconds), run once, printed."""
+    out = tmp_path_factory.mktemp("comparison")
+    page = pipeline.run_comparison(out, "demo", ["regression"], **SIZES, reporter=REPORTER)
+    return out, page
+
+
+def test_every_stage_writes_its_output(comparison):
+    out, page = comparison
+    assert page == out / "report" / "index.html" and page.is_file()
+    assert len(list((out / "data" / "train").iterdir())) == 3
+    assert len(list((out / "data" / "test").iterdir())) == cases_for_lesions(2, seed=1)
+    assert (out / "cohort" / "index.html").is_file()
+    assert RunDir(out / "runs" / "regression").config.model.name == "regression"
+    predicted = read_manifest(out / "predictions" / "regression")
+    assert sorted(predicted) == sorted(p.name for p in (out / "data" / "test").iterdir())
+    metrics = json.loads((out / "report" / "metrics.json").read_text(encoding="utf-8"))
+    assert list(metrics["models"]) == ["regression", "copy-1dyn"]
+
+
+def test_a_rerun_keeps_the_cohorts_and_the_fitted_model(comparison):
+    out, _ = comparison
+    kept = [out / "data" / "train" / "phantom_0000" / "pre.nii.gz", out / "cohort" / "index.html"]
+    kept.append(RunDir(out / "runs" / "regression").regression_file)
+    before = [path.stat().st_mtime_ns for path in kept]
+    pipeline.run_comparison(out, "demo", ["regression"], **SIZES)
+    assert [path.stat().st_mtime_ns for path in kept] == before
+
+
+def test_the_command_line_reporter_prints_each_stage(tmp_path, capsys):
+    out = tmp_path / "c"
+    pipeline.run_comparison(out, "demo", ["regression"], **SIZES, reporter=REPORTER)
+    lines = capsys.readouterr().out.splitlines()
+    test_cases = cases_for_lesions(2, seed=1)
+    assert lines[:3] == [
+        f"wrote 3 cases to {out / 'data' / 'train'}",
+        f"wrote {test_cases} cases to {out / 'data' / 'test'}",
+        f"cohort report: {out / 'cohort' / 'index.html'}",
+    ]
+    assert lines[3].startswith("regression: 4 target phases,")
+    assert (
+        lines[4]
+        == f"{test_cases} written, 0 skipped (predictions in {out / 'predictions' / 'regression'})"
+    )
+    assert lines[-2:] == [
+        f"report: {out / 'report' / 'index.html'}",
+        f"{test_cases} written, 0 skipped (cases scored in {out / 'report' / 'metrics.json'})",
+    ]
