@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcesynth.accel import tune_process
 from dcesynth.case import Case, load_case, save_case
 from dcesynth.config import PAPER_FEATURES, preset
 from dcesynth.infer import count_region_windows, count_windows, load_run, predict_case
@@ -71,14 +72,19 @@ class FirstWindowsOnly(torch.nn.Module):
         self.model, self.real_windows = model, real_windows
         self.seconds: list[float] = []
 
-    def forward(self, pre, observed, observed_times_s, target_times_s):
-        """Same signature and output as `IterUNet.rollout` without teacher."""
+    def forward(self, pre, observed, times_s):
+        """Same arguments and output as the model's, without teacher."""
         if len(self.seconds) >= self.real_windows:
-            return [observed[-1].clone() for _ in target_times_s]
+            n_targets = times_s.shape[1] - observed.shape[1]
+            return observed[:, -1:].expand(-1, n_targets, *observed.shape[2:]).clone()
         start = time.perf_counter()
-        predictions = self.model(pre, observed, observed_times_s, target_times_s)
+        predictions = self.model(pre, observed, times_s)
         self.seconds.append(time.perf_counter() - start)
         return predictions
+
+    def check_protocol(self, n_observed: int, n_targets: int) -> None:
+        """The model's own rule."""
+        self.model.check_protocol(n_observed, n_targets)
 
 
 def make_inputs(folder: Path, quick: bool) -> tuple[Path, Path]:
@@ -124,7 +130,7 @@ def measure(case_dir: Path, run_dir: Path, bf16: bool, real_windows: int | None)
     case = load_case(case_dir)
     cuda = run.device.type == "cuda"
     if cuda:
-        torch.backends.cudnn.benchmark = True
+        tune_process(run.device)
         predict_case(run, case, amp=bf16)  # autotunes the convolutions for this window
         torch.cuda.reset_peak_memory_stats()
     result = {"device": torch.cuda.get_device_name() if cuda else f"{os.cpu_count()} CPU"}

@@ -25,8 +25,9 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import Tensor, nn
 
+from dcesynth.metrics import SSIM_K1, SSIM_K2
 from dcesynth.model import IterUNet, SinusoidalTimeEncoding
-from dcesynth.train.losses import MIN_SSIM_DATA_RANGE, SSIM_K1, SSIM_K2
+from dcesynth.train.losses import MIN_SSIM_DATA_RANGE
 
 REFERENCE_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
 REFERENCE_NORM = ("instance", {"affine": True})
@@ -104,26 +105,27 @@ class NaiveIterUNet(nn.Module):
         block_channels = (*f[:5], f[3], f[2], f[1], f[5])
         self.time_projections = nn.ModuleList(nn.Linear(time_dim, c) for c in block_channels)
 
-    def rollout(
+    def forward(
         self,
         pre: Tensor,
-        first: Tensor,
-        first_time_s: Tensor,
-        target_times_s: Sequence[Tensor],
-        teacher: Sequence[Tensor] | None = None,
-    ) -> list[Tensor]:
-        """Same as `IterUNet.rollout(pre, [first], [first_time_s], target_times_s, teacher)`.
+        observed: Tensor,
+        times_s: Tensor,
+        teacher: Tensor | None = None,
+    ) -> Tensor:
+        """Same as `IterUNet(pre, observed, times_s, teacher)` for one observed phase.
 
         Args:
             pre: `(B, 1, X, Y, Z)` pre-contrast image.
-            first: `(B, 1, X, Y, Z)` first post-contrast phase.
-            first_time_s: `(B,)` its time, seconds.
-            target_times_s: `(B,)` times of the phases to predict, seconds.
-            teacher: real target phases for teacher forcing; None for free-running.
+            observed: `(B, 1, X, Y, Z)` first post-contrast phase.
+            times_s: `(B, 1 + K)` its time and the K target times, seconds.
+            teacher: `(B, K, X, Y, Z)` real target phases for teacher forcing; None for
+                free-running.
 
         Returns:
-            One `(B, 1, X, Y, Z)` prediction per target time.
+            `(B, K, X, Y, Z)` predictions.
         """
+        first, first_time_s = observed, times_s[:, 0]
+        target_times_s = times_s[:, 1:].unbind(1)
         state, current, current_time_s = None, first, first_time_s
         predictions = []
         for index, target_time_s in enumerate(target_times_s):
@@ -140,9 +142,9 @@ class NaiveIterUNet(nn.Module):
                 features = self._add_time(up(features, skip), block, embedding)
             prediction = self.final_conv(features) + current
             predictions.append(prediction)
-            current = prediction if teacher is None else teacher[index]
+            current = prediction if teacher is None else teacher[:, index : index + 1]
             current_time_s = target_time_s
-        return predictions
+        return torch.cat(predictions, dim=1)
 
     def _add_time(self, features: Tensor, block: int, embedding: Tensor) -> Tensor:
         return features + project_per_voxel(
@@ -185,16 +187,16 @@ def reference_gdl(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def naive_loss(
-    preds: Sequence[Tensor],
-    targets: Sequence[Tensor],
+    preds: Tensor,
+    targets: Tensor,
     weight: Tensor | None = None,
     loss_weights: tuple[float, float, float] = (0.1, 1.0, 0.1),
 ) -> Tensor:
     """`CombinedLoss` without the perceptual term, with MONAI's dense 3-D SSIM.
 
     Args:
-        preds: predicted phases, each `(B, 1, X, Y, Z)`.
-        targets: real phases, matching `preds`.
+        preds: `(B, K, X, Y, Z)` predicted phases.
+        targets: `(B, K, X, Y, Z)` real phases.
         weight: optional voxel weight `(B, 1, X, Y, Z)` multiplied into both.
         loss_weights: weights of L1, `1 - SSIM` and GDL.
 
@@ -202,8 +204,8 @@ def naive_loss(
         Scalar float32 loss summed over the steps.
     """
     l1_weight, ssim_weight, gdl_weight = loss_weights
-    total = torch.zeros((), device=preds[0].device)
-    for pred, target in zip(preds, targets, strict=True):
+    total = torch.zeros((), device=preds.device)
+    for pred, target in zip(preds.split(1, 1), targets.split(1, 1), strict=True):
         pred, target = pred.float(), target.float()
         if weight is not None:
             pred, target = pred * weight, target * weight

@@ -6,15 +6,13 @@ without MedicalNet weights), backward, and an AdamW update. Both stages are time
 (teacher forcing) and optimisation (free-running, enhancement-weighted loss).
 
 Variants: ``naive fp32`` (``benchmarks/naive.py``: per-voxel time projection, contiguous,
-MONAI's dense SSIM, default AdamW) and ``ours bf16`` (autocast; the phases in the layout
-the trainer feeds, ``phase_memory_format``: on CUDA channels-last in the free-running stage
-only); ``ours fp32`` on CUDA or with ``--fp32`` (on this project's CPU it adds two
-minutes). On CUDA also ``naive bf16``, ``ours bf16 NDHWC`` (channels-last weights and
-phases in both stages) and ``ours bf16 step`` (teacher forcing step by step rather than, as
-is the default, all steps in one batch); there the patch is the paper's, 96x96x48.
+MONAI's dense SSIM, default AdamW), ``ours fp32`` and ``ours bf16`` (autocast), ours as the
+trainer runs it (``dcesynth.accel.accelerate`` applied to model and loss). On CUDA also
+``naive bf16`` and ``ours bf16 NDHWC`` (channels-last weights and phases); there the patch
+is the paper's, 96x96x48.
 Before timing, both models start from the same weights and their fp32 losses must agree to
 ``LOSS_RTOL`` (relative). Each variant then runs in a process of its own, as each program
-would: ours as the trainer runs it (on CPU with ``keep_freed_host_memory``), the naive one
+would: ours as the trainer runs it (``dcesynth.accel.tune_process``), the naive one
 with glibc's defaults, as the reference code runs. Timing interleaves the variants
 (A B C A B C ...), one process stepping at a time, so that load from other processes falls
 on all of them alike; each figure is the median of ``--repeats`` steps, after one untimed
@@ -24,13 +22,13 @@ faults. The load average is printed before and after. On a shared CPU run it wit
 wait for a busy core made steps up to 3x slower.
 
 The last line, ``speedup_vs_naive``, is the naive fp32 step (warm-up + optimisation) over
-our faster variant's step on CPU; on CUDA it compares bf16 with bf16.
+our faster variant's step on CPU (the precision ``dcesynth.accel.use_bf16`` would choose
+should be that one); on CUDA it compares bf16 with bf16.
 
 ``--profile`` ends with a profile of one ``ours bf16`` step per stage: the operators that
 took most time (CUDA kernels on a GPU).
 
-Usage: ``python benchmarks/train_step.py [--quick] [--repeats 5] [--patch X Y Z] [--fp32]
-[--profile]``
+Usage: ``python benchmarks/train_step.py [--quick] [--repeats 5] [--patch X Y Z] [--profile]``
 """
 
 from __future__ import annotations
@@ -47,9 +45,9 @@ from pathlib import Path
 
 import torch
 
+from dcesynth.accel import accelerate, make_adamw, tune_process
 from dcesynth.model import PAPER_FEATURES, IterUNet
 from dcesynth.train.losses import CombinedLoss, LossWeights, enhancement_weight
-from dcesynth.train.trainer import keep_freed_host_memory, make_adamw, phase_memory_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive import NaiveIterUNet, copy_weights, naive_loss  # noqa: E402
@@ -68,7 +66,6 @@ class Spec:
     naive: bool
     bf16: bool
     channels_last: bool = False
-    batch_steps: bool = True
 
 
 class Variant:
@@ -80,7 +77,12 @@ class Variant:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
         else:
             self.optimizer = make_adamw(model.parameters(), lr=1e-4, weight_decay=1e-3)
-        self.loss = naive_loss if spec.naive else CombinedLoss(LossWeights(), None)
+        if spec.naive:
+            self.loss = naive_loss
+        else:
+            device = next(model.parameters()).device
+            accelerate(model, device)
+            self.loss = accelerate(CombinedLoss(LossWeights(), None), device)
         if spec.channels_last:
             model.to(memory_format=torch.channels_last_3d)
 
@@ -93,50 +95,40 @@ def build_models(features: tuple[int, ...], device: torch.device) -> tuple[IterU
 
 
 def make_batch(batch: int, patch: tuple[int, int, int], device: torch.device) -> dict:
-    """Smooth synthetic phases `(B, 1, X, Y, Z)` with an enhancing region, TI-normalised-like."""
+    """Smooth synthetic phases `(B, T, X, Y, Z)` with an enhancing region, TI-normalised-like,
+    and their times `(B, T - 1)` (post-contrast phases)."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, 1, *patch)
     anatomy = torch.nn.functional.avg_pool3d(torch.randn(shape, generator=generator), 5, 1, 2)
     uptake = torch.rand(shape, generator=generator).pow(4) * 3
     phases = [anatomy * 5 + uptake * (1 - torch.exp(torch.tensor(-t / 120))) for t in TIMES_S]
-    times = torch.tensor(TIMES_S).expand(batch, -1)
     return {
-        "phases": [p.to(device) for p in phases],
-        "times_s": [t.to(device) for t in times.unbind(1)],
+        "phases": torch.cat(phases, dim=1).to(device),
+        "times_s": torch.tensor(TIMES_S[1:]).expand(batch, -1).to(device),
     }
 
 
-def rollout(variant: Variant, batch: dict, teacher_forcing: bool) -> list[torch.Tensor]:
-    phases, times = batch["phases"], batch["times_s"]
+def rollout(variant: Variant, batch: dict, teacher_forcing: bool) -> torch.Tensor:
+    phases, times_s = batch["phases"], batch["times_s"]
     if variant.spec.channels_last:
-        layout = torch.channels_last_3d
-    elif variant.spec.naive:
-        layout = torch.contiguous_format
-    else:  # as the trainer feeds them
-        layout = phase_memory_format(phases[0].device.type, teacher_forcing)
-    phases = [p.contiguous(memory_format=layout) for p in phases]
-    teacher = phases[2:] if teacher_forcing else None
-    device_type = phases[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant.spec.bf16):
-        if variant.spec.naive:
-            return variant.model.rollout(phases[0], phases[1], times[1], times[2:], teacher)
-        return variant.model(
-            phases[0], [phases[1]], [times[1]], times[2:], teacher, variant.spec.batch_steps
-        )
+        phases = phases.contiguous(memory_format=torch.channels_last_3d)
+    teacher = phases[:, 2:] if teacher_forcing else None
+    with torch.autocast(phases.device.type, dtype=torch.bfloat16, enabled=variant.spec.bf16):
+        return variant.model(phases[:, :1], phases[:, 1:2], times_s, teacher)
 
 
 def loss_of(variant: Variant, batch: dict, stage: str) -> torch.Tensor:
     optimisation = stage == "optimisation"
     preds = rollout(variant, batch, teacher_forcing=not optimisation)
     phases = batch["phases"]
-    weight = enhancement_weight(phases[1], phases[-1]) if optimisation else None
-    loss = variant.loss(preds, phases[2:], weight)
+    weight = enhancement_weight(phases[:, 1:2], phases[:, -1:]) if optimisation else None
+    loss = variant.loss(preds, phases[:, 2:], weight)
     return loss if variant.spec.naive else loss[0]
 
 
 def train_step(variant: Variant, batch: dict, stage: str) -> tuple[float, float]:
     """One optimiser step; returns its wall time and this process's system time, seconds."""
-    synchronize = torch.cuda.synchronize if batch["phases"][0].is_cuda else (lambda: None)
+    synchronize = torch.cuda.synchronize if batch["phases"].is_cuda else (lambda: None)
     synchronize()
     start, start_sys = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     loss = loss_of(variant, batch, stage)
@@ -153,10 +145,8 @@ def serve(spec: Spec, features: tuple, patch: tuple, batch_size: int, device: st
     ``("profile", None)`` by printing `print_profile`, and None (the end) with its peak CUDA
     memory in bytes."""
     device = torch.device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the Trainer does
-    elif not spec.naive:
-        keep_freed_host_memory()  # as the Trainer does
+    if device.type == "cuda" or not spec.naive:
+        tune_process(device)  # as the Trainer does
     ours, naive = build_models(features, device)
     variant = Variant(spec, naive if spec.naive else ours)
     batch = make_batch(batch_size, patch, device)
@@ -211,7 +201,7 @@ def print_profile(variant: Variant, batch: dict) -> None:
     """Profile one step of `variant` per stage; print the operators that took most time."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = batch["phases"][0].is_cuda
+    cuda = batch["phases"].is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     for stage in STAGES:
@@ -234,7 +224,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and stage")
     parser.add_argument("--batch", type=int, default=2, help="patches per step")
     parser.add_argument("--patch", type=int, nargs=3, help="default: 64 64 32 (CUDA: 96 96 48)")
-    parser.add_argument("--fp32", action="store_true", help="time ours fp32 on CPU too")
     parser.add_argument("--profile", action="store_true", help="profile ours bf16 at the end")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -257,14 +246,11 @@ def main() -> None:
     check_same_loss(ours, naive, batch)
     del ours, naive, batch
 
-    specs = [Spec("naive fp32", True, False)]
-    if args.fp32 or device.type == "cuda":
-        specs.append(Spec("ours fp32", False, False))
+    specs = [Spec("naive fp32", True, False), Spec("ours fp32", False, False)]
     specs.append(Spec("ours bf16", False, True))
     if device.type == "cuda":
         specs.insert(1, Spec("naive bf16", True, True))
         specs.append(Spec("ours bf16 NDHWC", False, True, channels_last=True))
-        specs.append(Spec("ours bf16 step", False, True, batch_steps=False))
     workers = [Worker(spec, features, patch, args.batch, device.type) for spec in specs]
     times = {(spec.name, stage): [] for spec in specs for stage in STAGES}
     print(f"load average before: {load_average()}")
@@ -307,8 +293,7 @@ def main() -> None:
     if device.type == "cuda":
         peer, ours_best = "naive bf16", "ours bf16"
     else:
-        ours_names = [name for name in ("ours fp32", "ours bf16") if name in step]
-        peer, ours_best = "naive fp32", min(ours_names, key=step.get)
+        peer, ours_best = "naive fp32", min(("ours fp32", "ours bf16"), key=step.get)
     print(f"speedup: {peer} / {ours_best}")
     print(f"speedup_vs_naive: {step[peer] / step[ours_best]:.2f}")
 

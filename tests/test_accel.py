@@ -114,9 +114,9 @@ def test_accelerated_model_runs_channels_last_on_cpu():
     fast.unet.final_conv.register_forward_pre_hook(
         lambda _m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d))
     )
-    x = torch.randn(1, 3, 32, 32, 16)
+    x = torch.randn(2, 3, 32, 32, 16)  # batch 2: a batch of 1 is both layouts at once
     with torch.no_grad():
-        fast(x[:, :1], x[:, 1:2], torch.tensor([[60.0, 150.0]]))
+        fast(x[:, :1], x[:, 1:2], torch.tensor([[60.0, 150.0]] * 2))
     assert layouts == [True]
 
 

@@ -24,24 +24,25 @@ def twin_models(device: str = "cpu") -> tuple[IterUNet, "naive.NaiveIterUNet"]:
     return ours.to(device), naive.copy_weights(ours, naive.NaiveIterUNet(TINY_FEATURES)).to(device)
 
 
-def phases(device: str = "cpu") -> list[torch.Tensor]:
+def phases(device: str = "cpu") -> torch.Tensor:
+    """`(2, 6, 32, 32, 16)`: pre, then five phases of growing enhancement."""
     generator = torch.Generator().manual_seed(1)
     base = torch.randn((2, 1, 32, 32, 16), generator=generator)
-    return [
-        (base + 0.5 * k * torch.rand(base.shape, generator=generator)).to(device) for k in range(6)
-    ]
+    return torch.cat(
+        [base + 0.5 * k * torch.rand(base.shape, generator=generator) for k in range(6)], dim=1
+    ).to(device)
 
 
 def both_losses(free_running: bool, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     ours, reference = twin_models(device)
     images = phases(device)
-    times = [torch.full((2,), t, device=device) for t in TIMES_S]
-    teacher = None if free_running else images[2:]
-    weight = enhancement_weight(images[1], images[-1]) if free_running else None
-    ours_preds = ours(images[0], [images[1]], [times[1]], times[2:], teacher=teacher)
-    naive_preds = reference.rollout(images[0], images[1], times[1], times[2:], teacher)
-    ours_loss, _ = CombinedLoss(LossWeights(), None)(ours_preds, images[2:], weight)
-    return ours_loss, naive.naive_loss(naive_preds, images[2:], weight)
+    times_s = torch.tensor(TIMES_S[1:], device=device).expand(2, -1)
+    teacher = None if free_running else images[:, 2:]
+    weight = enhancement_weight(images[:, 1:2], images[:, -1:]) if free_running else None
+    ours_preds = ours(images[:, :1], images[:, 1:2], times_s, teacher=teacher)
+    naive_preds = reference(images[:, :1], images[:, 1:2], times_s, teacher)
+    ours_loss, _ = CombinedLoss(LossWeights(), None)(ours_preds, images[:, 2:], weight)
+    return ours_loss, naive.naive_loss(naive_preds, images[:, 2:], weight)
 
 
 def test_same_weights_give_the_same_warmup_loss():
@@ -57,11 +58,11 @@ def test_same_weights_give_the_same_free_running_weighted_loss():
 def test_same_weights_give_the_same_output_conv_gradient():
     ours, reference = twin_models()
     images = phases()
-    times = [torch.full((2,), t) for t in TIMES_S]
-    ours_preds = ours(images[0], [images[1]], [times[1]], times[2:])
-    naive_preds = reference.rollout(images[0], images[1], times[1], times[2:])
-    CombinedLoss(LossWeights(), None)(ours_preds, images[2:])[0].backward()
-    naive.naive_loss(naive_preds, images[2:]).backward()
+    times_s = torch.tensor(TIMES_S[1:]).expand(2, -1)
+    ours_preds = ours(images[:, :1], images[:, 1:2], times_s)
+    naive_preds = reference(images[:, :1], images[:, 1:2], times_s)
+    CombinedLoss(LossWeights(), None)(ours_preds, images[:, 2:])[0].backward()
+    naive.naive_loss(naive_preds, images[:, 2:]).backward()
     torch.testing.assert_close(
         ours.unet.final_conv.weight.grad, reference.final_conv.weight.grad, rtol=1e-4, atol=1e-6
     )

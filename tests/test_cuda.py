@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from dcesynth.accel import use_bf16
 from dcesynth.config import preset
 from dcesynth.infer import load_run, predict_case
 from dcesynth.model import IterUNet
-from dcesynth.train.trainer import build_trainer, phase_memory_format
+from dcesynth.train.trainer import build_trainer
 from test_infer import make_case, make_run
-from test_model import SMALL_FEATURES, TARGET_TIMES_S, phases, with_random_output
+from test_model import SMALL_FEATURES, TARGET_TIMES_S, phases, times, with_random_output
 from test_train import cohort, tiny  # noqa: F401 (cohort is a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,30 +33,27 @@ def no_tf32():
 def test_rollout_on_cuda_matches_cpu(teacher_forcing):
     torch.manual_seed(0)
     model = with_random_output(IterUNet(features=SMALL_FEATURES))
-    pre, first, *real = phases(6)
-    teacher = real if teacher_forcing else None
-    expected = model.rollout(pre, [first], [85.0], TARGET_TIMES_S, teacher=teacher)
+    x = phases(6)
+    times_s = times(85.0, *TARGET_TIMES_S)
+    teacher = x[:, 2:] if teacher_forcing else None
+    expected = model(x[:, :1], x[:, 1:2], times_s, teacher)
     model.cuda()
-    cuda_teacher = [t.cuda() for t in real] if teacher_forcing else None
-    actual = model.rollout(pre.cuda(), [first.cuda()], [85.0], TARGET_TIMES_S, cuda_teacher)
-    for a, e in zip(actual, expected, strict=True):
-        assert a.is_cuda
-        torch.testing.assert_close(a.cpu(), e, **TOLERANCE)
+    x = x.cuda()
+    actual = model(x[:, :1], x[:, 1:2], times_s.cuda(), x[:, 2:] if teacher_forcing else None)
+    assert actual.is_cuda
+    torch.testing.assert_close(actual.cpu(), expected, **TOLERANCE)
 
 
-def test_channels_last_rollout_with_gradients_matches_cpu():
-    """The free-running stage's layout on CUDA (`phase_memory_format`): same outputs and
-    weight gradients as the CPU."""
-    assert phase_memory_format("cuda", teacher_forcing=False) == torch.channels_last_3d
+def test_rollout_with_gradients_matches_cpu():
+    """Free-running rollout on CUDA: same outputs and weight gradients as the CPU."""
     torch.manual_seed(0)
     model = with_random_output(IterUNet(features=SMALL_FEATURES))
-    pre, first, *_ = phases(6)
+    x = phases(6)
     grads = []
-    for device, layout in (("cpu", torch.contiguous_format), ("cuda", torch.channels_last_3d)):
+    for device in ("cpu", "cuda"):
         model.to(device).zero_grad()
-        inputs = [x.to(device).contiguous(memory_format=layout) for x in (pre, first)]
-        predictions = model.rollout(inputs[0], [inputs[1]], [85.0], TARGET_TIMES_S)
-        torch.stack(predictions).square().mean().backward()
+        inputs, times_s = x.to(device), times(85.0, *TARGET_TIMES_S).to(device)
+        model(inputs[:, :1], inputs[:, 1:2], times_s).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3 * grads[0].abs().max())
 
@@ -64,7 +62,7 @@ def test_training_on_cuda_uses_fused_adamw_and_bf16(cohort, tmp_path):  # noqa: 
     config = tiny(preset("demo"), amp=None)
     trainer = build_trainer(cohort, tmp_path / "run", config)
     assert trainer.device.type == "cuda"
-    assert config.train.amp_on(trainer.device.type)
+    assert use_bf16(trainer.device, config.train.amp)
     losses = []
     trainer.fit(on_step=lambda step, stage, terms, speed: losses.append(terms["total"]))
     trainer.close()

@@ -108,15 +108,14 @@ def test_only_the_roi_box_is_predicted(tmp_path, case_dir):
     case = load_case(case_dir)
     run = load_run(make_run(tmp_path), torch.device("cpu"))
     calls = []
-    original = run.model.step
-    run.model.step = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    run.model.unet.register_forward_pre_hook(lambda *_: calls.append(1))
     prediction = predict_case(run, case, overlap=0.5)
     # ROI x, y 4:14 (10 voxels) grows to one 16-voxel window centred on it; z is one window.
     assert prediction.region == ((1, 17), (1, 17), (0, 32))
     assert (prediction.windows_run, prediction.windows_skipped) == (1, 0)
     assert count_windows(case.shape, PATCH, 0.5) == 16  # a whole-volume grid's windows
     assert count_region_windows(case.roi, PATCH, 0.5) == 1
-    assert len(calls) == 4  # four rollout steps in the one window run
+    assert len(calls) == 4  # four U-Net passes (rollout steps) in the one window run
     outside = np.ones(case.shape, dtype=bool)
     outside[1:17, 1:17] = False
     for phase in prediction.phases:  # outside the box: the last observed phase, exactly

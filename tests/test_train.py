@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dcesynth.cli import app
 from dcesynth.config import PRESETS, RunConfig, preset
-from dcesynth.model import IterUNet, build_model
+from dcesynth.model import UNet3D, build_model
 from dcesynth.phantom import PhantomConfig, simulate_cohort
 from dcesynth.rundir import RunDir
 from dcesynth.train.trainer import Trainer, build_trainer
@@ -151,37 +151,32 @@ def test_baseline_checkpoint_holds_one_unet_per_target_phase(cohort, tmp_path):
 
 
 def test_warmup_feeds_real_phases_and_optimisation_feeds_own_outputs(cohort, tmp_path, monkeypatch):
-    teacher_forced, stepped = [], []  # validation rollouts run in eval mode: not recorded
-    original_step, original_teacher_forced = IterUNet.step, IterUNet._teacher_forced
+    calls = []  # (current phases fed, steps, U-Net output); validation runs in eval mode
+    original = UNet3D.forward
 
-    def spy_step(self, pre, current, *args, **kwargs):
-        prediction, state = original_step(self, pre, current, *args, **kwargs)
+    def spy(self, x, embedding=None, state=None, steps=1):
+        out, state = original(self, x, embedding, state, steps)
         if self.training:
-            stepped.append((current, prediction))
-        return prediction, state
+            calls.append((x[:, 1:].detach().clone(), steps, out.detach().clone()))
+        return out, state
 
-    def spy_teacher_forced(self, pre, inputs, *args, **kwargs):
-        if self.training:
-            teacher_forced.append(list(inputs))
-        return original_teacher_forced(self, pre, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(IterUNet, "step", spy_step)
-    monkeypatch.setattr(IterUNet, "_teacher_forced", spy_teacher_forced)
+    monkeypatch.setattr(UNet3D, "forward", spy)
     trainer = build_trainer(cohort, tmp_path, tiny(preset("demo"), warmup_steps=1, optim_steps=1))
     trainer.fit()
-    (warmup,) = teacher_forced  # the warm-up step runs its four steps as one batch
-    assert len(warmup) == 4 and len(stepped) == 4
+    (fed, steps, _), *free_running = calls
+    assert steps == 4 and len(free_running) == 4  # warm-up: its four steps in one batch
 
-    real = trainer.batches[0]["phases"].unsqueeze(2)
-    for k, current in enumerate(warmup):
-        assert torch.equal(current, real[:, k + 1])
+    real = trainer.batches[0]["phases"]
+    for k, current in enumerate(fed.chunk(4)):
+        assert torch.equal(current, real[:, k + 1 : k + 2])
 
-    real = trainer.batches[1]["phases"].unsqueeze(2)
-    assert torch.equal(stepped[0][0], real[:, 1])
+    real = trainer.batches[1]["phases"]
+    assert torch.equal(free_running[0][0], real[:, 1:2])
     for k in range(1, 4):
-        current, previous_prediction = stepped[k][0], stepped[k - 1][1]
-        assert current is previous_prediction
-        assert not torch.allclose(current, real[:, k + 1], atol=1e-3)
+        current = free_running[k][0]
+        previous_prediction = free_running[k - 1][0] + free_running[k - 1][2]
+        torch.testing.assert_close(current, previous_prediction)
+        assert not torch.allclose(current, real[:, k + 1 : k + 2], atol=1e-3)
 
 
 def test_second_training_into_a_run_folder_exits_2(cohort, straight_run):
@@ -202,15 +197,26 @@ def test_resume_without_a_run_exits_2(cohort, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bf16_autocast_trains_to_the_same_loss(cohort, tmp_path, straight_run):
-    trainer = build_trainer(cohort, tmp_path, tiny(preset("demo"), amp=True))
+def test_bf16_autocast_trains_to_the_same_loss(tmp_path):
+    """bf16 must not train to a worse loss than fp32 (the mean of the last three of eight
+    steps; 10 % slack for the drift of the trajectories). The patch keeps 4x2x2 voxels at
+    the U-Net's deepest level: on 2x2x1 or 2x2x2 voxels oneDNN's bf16 convolution backward
+    gave gradients that differed from call to call, in any memory layout, on this project's
+    CPU (see docs/performance.md)."""
+    data = tmp_path / "cohort"
+    simulate_cohort(data, 4, seed=0, config=PhantomConfig(shape=(64, 32, 32)), workers=1)
     losses = {}
-    trainer.fit(max_steps=8, on_step=lambda step, stage, terms, speed: losses.update({step: terms}))
-    # Trajectories drift apart step by step, so compare the last three steps' mean: bf16
-    # must not train to a worse loss than fp32 (10 % slack for the drift).
-    fp32 = sum(straight_run["losses"][step] for step in (6, 7, 8)) / 3
-    bf16 = sum(losses[step]["total"] for step in (6, 7, 8)) / 3
-    assert bf16 <= 1.10 * fp32
+    for precision, amp in (("fp32", False), ("bf16", True)):
+        config = tiny(preset("demo"), patch=(64, 32, 32), amp=amp)
+        trainer = build_trainer(data, tmp_path / precision, config)
+        totals: dict[int, float] = {}
+
+        def record(step, stage, terms, speed, totals=totals):
+            totals[step] = terms["total"]
+
+        trainer.fit(max_steps=8, on_step=record)
+        losses[precision] = sum(totals[step] for step in (6, 7, 8)) / 3
+    assert losses["bf16"] <= 1.10 * losses["fp32"]
 
 
 def free_port() -> int:
@@ -264,7 +270,7 @@ def test_two_gloo_ranks_keep_identical_weights_and_only_rank_0_writes(cohort, tm
 
 REALLOCATION_SCRIPT = """
 import resource, statistics, sys, torch
-from dcesynth.train.trainer import keep_freed_host_memory
+from dcesynth.accel.cpu import keep_freed_host_memory
 applied = keep_freed_host_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(10):  # 64 MiB: allocated, written and freed
