@@ -158,7 +158,7 @@ def spgr_signal(
 
     ``S = S0 sin(a) (1 - E1) / (1 - cos(a) E1)`` with E1 = exp(-TR R1): the same
     equation as ``dcmri.signal_ss`` for one compartment, written out here because
-    dcmri evaluates it voxel by voxel in Python (37 s for one 128x128x64 case)
+    dcmri evaluates it voxel by voxel in Python (tens of seconds for one case)
     while this form is one vectorised expression. The tests check the two agree.
 
     Args:

@@ -44,9 +44,9 @@ def cat_channels(*tensors: torch.Tensor) -> torch.Tensor:
     """Concatenate `(B, C_i, X, Y, Z)` tensors along channels.
 
     The gradient of a channel slice of a channels-last tensor is strided, and on CPU the
-    element-wise backward kernels it then meets (activation, accumulation) take a slow path
-    (up to 25x): channels-last inputs get their gradients back as dense channels-last
-    tensors instead, for the price of one copy.
+    element-wise backward kernels it then meets (activation, accumulation) take a slow
+    path: channels-last inputs get their gradients back as dense channels-last tensors
+    instead, for the price of one copy.
     """
     if _is_channels_last(tensors[0]):
         return _DenseGradChannelCat.apply(*tensors)
@@ -61,7 +61,7 @@ def _dense_chunks(gates: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """Split `(B, count * C, X, Y, Z)` into `count` gates of C channels.
 
     A channel slice of a channels-last tensor is strided, and bf16 sigmoid/tanh on strided
-    input take a slow path on CPU (~5x); copying each gate to a dense channels-last tensor
+    input take a slow path on CPU; copying each gate to a dense channels-last tensor
     first is cheaper. Contiguous (NCDHW) gates are sliced as they are.
     """
     chunks = gates.chunk(count, dim=1)
@@ -89,11 +89,12 @@ class _RowInstanceNorm(torch.autograd.Function):
 
     Each sample, a `(voxels, C)` matrix in memory, is seen as rows of several voxels
     (`_sample_rows`), so that a row is a multiple of 32 values: ATen's batch-norm kernels on
-    such a matrix are vectorised, where on rows of C = 28 they are 3-4x slower. Batch norm of
-    the rows gives per-column statistics, pooled here per channel (exactly: equal column
-    sizes). Normalising is eval-mode batch norm with per-column coefficients, which computes
-    in fp32 and rounds once, as the fused kernels do; the input gradient is that plus a
-    multiple of the upstream gradient (two roundings: within one bf16 step). Where rows are
+    such a matrix are vectorised, where on rows of C = 28 they are several times slower.
+    Batch norm of the rows gives per-column statistics, pooled here per channel (exactly:
+    equal column sizes). Normalising is eval-mode batch norm with per-column coefficients,
+    which computes in fp32 and rounds once, as the fused kernels do; the input gradient is
+    that plus a multiple of the upstream gradient (two roundings: within one bf16 step).
+    Where rows are
     single voxels (C a multiple of 32), the fused kernels run as they are.
     """
 
@@ -199,7 +200,7 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
     channel, biased variance, optional per-channel affine). `F.instance_norm` folds the batch
     into the channels, which turns a channels-last input into a contiguous copy, and the
     convolutions after it then run in the layout oneDNN is slow in on CPU; `F.group_norm`
-    keeps the layout but its channels-last bf16 backward is ~15x slower. A channels-last
+    keeps the layout but its channels-last bf16 backward is much slower. A channels-last
     input is normalised by `_RowInstanceNorm`, on ATen's batch-norm kernels.
     """
 

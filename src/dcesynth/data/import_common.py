@@ -30,7 +30,7 @@ Image = tuple[np.ndarray, np.ndarray]
 
 TIMES_ORIGIN_INJECTION = "injection"
 TIMES_ORIGIN_PRE_START = "pre_acquisition_start"
-"""``meta.json`` ``times_origin``: what the source's 0 s is (see the importers README)."""
+"""``meta.json`` ``times_origin``: what the source's 0 s is (see docs/importers.md)."""
 
 
 class FolderIndex:

@@ -9,7 +9,7 @@ from dcesynth.model.blocks import (
     TimeEmbedding,
     UNet3D,
 )
-from dcesynth.model.iterunet import MODEL_NAMES, BaselineUNet, IterUNet, build_model
+from dcesynth.model.iterunet import MODEL_NAMES, BaselineUNet, IterUNet, PhaseModel, build_model
 
 __all__ = [
     "MODEL_NAMES",
@@ -19,6 +19,7 @@ __all__ = [
     "ConvLSTMCell3D",
     "IterUNet",
     "LSTMState",
+    "PhaseModel",
     "SinusoidalTimeEncoding",
     "TimeEmbedding",
     "UNet3D",

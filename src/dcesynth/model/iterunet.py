@@ -23,7 +23,53 @@ from dcesynth.model.blocks import (
 MODEL_NAMES = ("iterunet", "baseline")
 
 
-class IterUNet(nn.Module):
+class PhaseModel(nn.Module):
+    """The one interface of the models: pre-contrast and observed phases in, later phases out.
+
+    `forward` checks the arguments and the model's own rule for which protocols it serves
+    (`check_protocol`), then runs `rollout`.
+    """
+
+    def forward(
+        self,
+        pre: torch.Tensor,
+        observed: torch.Tensor,
+        times_s: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the phases at the target times.
+
+        Args:
+            pre: `(B, in_channels - 1, X, Y, Z)` pre-contrast image.
+            observed: `(B, T_obs, X, Y, Z)` observed post-contrast phases, `T_obs >= 1`.
+            times_s: `(B, T_obs + K)` times of the observed then the K target phases,
+                seconds after injection.
+            teacher: `(B, K, X, Y, Z)` real target phases for teacher forcing, or None.
+
+        Returns:
+            `(B, K, X, Y, Z)` predictions, one per target time.
+
+        Raises:
+            ValueError: shapes disagree, the model does not serve the protocol, or a
+                spatial axis is not divisible by 16.
+        """
+        n_targets = check_protocol_args(pre, observed, times_s, teacher)
+        try:
+            self.check_protocol(observed.shape[1], n_targets)
+        except ValueError as exc:
+            raise ValueError(f"times_s: {exc}") from None
+        return self.rollout(pre, observed, times_s, teacher)
+
+    def check_protocol(self, n_observed: int, n_targets: int) -> None:
+        """Raise ValueError unless the model predicts `n_targets` phases after `n_observed`."""
+        raise NotImplementedError
+
+    def rollout(self, pre, observed, times_s, teacher):
+        """`forward` after its checks; the same arguments and result."""
+        raise NotImplementedError
+
+
+class IterUNet(PhaseModel):
     """iterU-Net: predicts the next phase from the pre-contrast image and the current phase.
 
     `next = current + conv1x1(decoder)` (output-level residual). With `temporal`, each step
@@ -66,37 +112,19 @@ class IterUNet(nn.Module):
             norm=norm,
         )
 
-    def forward(
-        self,
-        pre: torch.Tensor,
-        observed: torch.Tensor,
-        times_s: torch.Tensor,
-        teacher: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def rollout(self, pre, observed, times_s, teacher):
         """Predict every target phase in order, starting from the last observed phase.
 
         With several observed phases, the earlier ones only warm up the ConvLSTM state, so
         only the last observed time conditions the first prediction. Then each prediction
         is fed back as the next input (free-running), or with `teacher` the real phase is
         (teacher forcing: every step's input is known in advance, so all steps run as one
-        batch through the U-Net, the ConvLSTM stepping through them in order).
-
-        Args:
-            pre: `(B, in_channels - 1, X, Y, Z)` pre-contrast image.
-            observed: `(B, T_obs, X, Y, Z)` observed post-contrast phases, `T_obs >= 1`.
-            times_s: `(B, T_obs + K)` times of the observed then the K target phases,
-                seconds after injection.
-            teacher: `(B, K, X, Y, Z)` real target phases; `teacher[:, k]` is the input of
-                the step to target `k + 1` (so the last one is never fed).
-
-        Returns:
-            `(B, K, X, Y, Z)` predictions, one per target time.
-
-        Raises:
-            ValueError: shapes disagree, or a spatial axis is not divisible by 16.
+        batch through the U-Net, the ConvLSTM stepping through them in order);
+        `teacher[:, k]` is the input of the step to target `k + 1`, so the last one is
+        never fed. Arguments and result as `PhaseModel.forward`.
         """
-        n_targets = check_protocol_args(pre, observed, times_s, teacher)
         n_observed = observed.shape[1]
+        n_targets = times_s.shape[1] - n_observed
         state = None
         for index in range(n_observed - 1):
             state = self.unet.advance(torch.cat([pre, observed[:, index : index + 1]], 1), state)
@@ -131,7 +159,7 @@ class IterUNet(nn.Module):
         return self.time_embedding(current_time_s, target_time_s)
 
 
-class BaselineUNet(nn.Module):
+class BaselineUNet(PhaseModel):
     """The paper's baseline: one plain 3-D U-Net per target phase, no iteration, no time.
 
     Target `k` is predicted directly from the pre-contrast image and the first observed
@@ -163,26 +191,11 @@ class BaselineUNet(nn.Module):
             UNet3D(in_channels, 1, features, act=act, norm=norm) for _ in range(n_targets)
         )
 
-    def forward(
-        self,
-        pre: torch.Tensor,
-        observed: torch.Tensor,
-        times_s: torch.Tensor,
-        teacher: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predict the phases after the observed ones, each from `pre` and the first one.
-
-        Args: as `IterUNet.forward`; times and `teacher` are not used, and the observed
-            phases after the first only count (see `check_protocol`).
-
-        Returns:
-            `(B, K, X, Y, Z)`: the last K of the `n_targets` phases after `observed[:, 0]`.
-        """
-        n_targets = check_protocol_args(pre, observed, times_s, teacher)
-        try:
-            self.check_protocol(observed.shape[1], n_targets)
-        except ValueError as exc:
-            raise ValueError(f"times_s: {exc}") from None
+    def rollout(self, pre, observed, times_s, teacher):
+        """Predict the phases after the observed ones, each from `pre` and the first one:
+        the last K of the `n_targets` phases after `observed[:, 0]`. Times and `teacher`
+        are not used. Arguments and result as `PhaseModel.forward`."""
+        n_targets = times_s.shape[1] - observed.shape[1]
         first = observed[:, :1]
         x = torch.cat([pre, first], dim=1)
         unets = self.unets[self.n_targets - n_targets :]

@@ -90,7 +90,7 @@ def ssim_loss(
     The same SSIM as MONAI's ``compute_ssim_and_cs`` (Gaussian window, k1 0.01, k2 0.03,
     valid region only; a test checks they agree), but the 3-D Gaussian is applied as three
     1-D passes over all five local moments at once: 21 taps instead of 343, which makes
-    SSIM's backward pass on CPU ~10x cheaper.
+    SSIM's backward pass on CPU several times cheaper.
 
     The data range of each sample is its target's max − min, detached, floored at
     ``MIN_SSIM_DATA_RANGE``. A per-sample range keeps SSIM's constants in proportion to the
