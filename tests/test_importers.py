@@ -10,13 +10,16 @@ import numpy as np
 import openpyxl
 import pytest
 import SimpleITK as sitk
+from typer.testing import CliRunner
 
 from dcesynth.case import PAPER_TIMES_S, load_case
+from dcesynth.cli import app
 from dcesynth.data.breast_mask import automatic_breast_mask
 from dcesynth.data.dicom_series import dicom_time_s
 from dcesynth.data.import_common import read_table
 from dcesynth.data.importers import ImportSummary, NothingImportedError, import_cohort
 from dcesynth.io import InputError
+from dcesynth.rundir import RunDir
 
 SHAPE = (24, 20, 8)
 VOXEL_MM = 2.0
@@ -323,6 +326,33 @@ def test_mamamia_times_from_spreadsheet_with_post_contrast_offsets_only(tmp_path
     book.save(src / "clinical_and_imaging_info.xlsx")
     import_cohort("mama-mia", src, tmp_path / "out")
     assert load_case(tmp_path / "out" / "ISPY2_100").times_s == [0.0, 100.0, 200.0, 300.0]
+
+
+def test_mamamia_tree_of_mixed_protocols_imports_and_trains_iterunet(tmp_path):
+    src = tmp_path / "src"
+    # Protocols as the collection's dataset_info sheet writes them: seconds from the start
+    # of the pre scan, as the text of a list.
+    protocols = {"DUKE_010": "[0, 584, 714, 846, 977]", "ISPY1_020": "[0, 165, 288, 411]"}
+    protocols["NACT_030"] = protocols["ISPY1_020"]
+    book = openpyxl.Workbook()
+    sheet = book.create_sheet("dataset_info")
+    sheet.append(["patient_id", "dataset", "acquisition_times"])
+    for patient, times in protocols.items():
+        _write_mamamia(src, patient, len(json.loads(times)), info=None)
+        sheet.append([patient, patient.split("_")[0], times])
+    book.save(src / "clinical_and_imaging_info.xlsx")
+    data, run = tmp_path / "data", tmp_path / "run"
+
+    imported = CliRunner().invoke(app, ["import", "mama-mia", str(src), "--out", str(data)])
+    assert imported.exit_code == 0, imported.output
+    for patient, times in protocols.items():
+        assert load_case(data / patient).times_s == [float(t) for t in json.loads(times)]
+    trained = CliRunner().invoke(
+        app, ["train", str(data), "--out", str(run), "--preset", "demo", "--max-steps", "2"]
+    )
+    assert trained.exit_code == 0, trained.output
+    assert RunDir(run).config.n_targets == 3
+    assert RunDir(run).best_weights.is_file()
 
 
 def test_mamamia_without_times_is_skipped_unless_times_given(tmp_path):

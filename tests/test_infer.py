@@ -175,6 +175,20 @@ def test_abbreviated_case_needs_protocol_times(tmp_path):
     assert prediction.names == ["2dyn", "3dyn", "4dyn", "5dyn"]
 
 
+def test_iterunet_predicts_a_protocol_it_was_not_trained_on(tmp_path):
+    # A run of the paper's six phases; the case: 7 phases, 60 s apart.
+    full = make_case()
+    abbreviated = Case("seven", full.phases[:2], [0.0, 60.0], full.seg, full.roi, full.affine)
+    times_s = [60.0 * k for k in range(7)]
+    run = load_run(make_run(tmp_path, n_targets=4), torch.device("cpu"))
+    prediction = predict_case(run, abbreviated, times_s=times_s)
+    assert prediction.names == ["2dyn", "3dyn", "4dyn", "5dyn", "6dyn"]
+    assert prediction.phases.shape == (5, *full.shape)
+    assert np.isfinite(prediction.phases).all()
+    # Each step is conditioned on its times: later targets differ from earlier ones.
+    assert not np.allclose(prediction.phases[0], prediction.phases[-1])
+
+
 def test_bad_inputs_are_rejected(tmp_path, case_dir):
     case = load_case(case_dir)
     run = load_run(make_run(tmp_path), torch.device("cpu"))

@@ -151,7 +151,7 @@ def test_patches_keep_their_shape_when_the_patch_is_not_square_in_plane():
 def test_validation_patch_is_centred_on_a_lesion_voxel_when_lesions_are_apart():
     # The two lesions' common centroid (x = 24) lies between them, outside both.
     case = coordinate_case([((12, 16), (22, 26), (14, 18)), ((32, 36), (22, 26), (14, 18))])
-    batch = validation_patches([case, random_case(1, n_phases=3)], PATCH)
+    (batch,) = validation_patches([case, random_case(1, n_phases=3)], PATCH)
     assert batch["phases"].shape == (2, 3, *PATCH)
     assert batch["times_s"].shape == (2, 3)
     assert batch["lesion"].shape == (2, 1, *PATCH) and batch["lesion"].dtype == torch.bool
@@ -183,3 +183,21 @@ def test_prepare_case_pads_a_volume_smaller_than_the_patch():
     assert len(prepared.roi_voxels) == inside.sum()
     batch = PatchBatches([prepared], (32, 32, 16), 1, 1, seed=0)[0]
     assert batch["phases"].shape == (2, 3, 32, 32, 16)
+
+
+def test_mixed_protocols_give_batches_of_one_length_in_proportion_to_their_cases():
+    cases = [random_case(i, n_phases=n) for i, n in enumerate((4, 4, 4, 6, 8, 8))]
+    batches = PatchBatches(cases, PATCH, 2, 600, seed=0)
+    lengths = [batches[step]["phases"].shape[1] for step in range(600)]
+    shares = {n: lengths.count(n) / len(lengths) for n in (4, 6, 8)}
+    assert shares == pytest.approx({4: 3 / 6, 6: 1 / 6, 8: 2 / 6}, abs=0.06)
+    for step in range(20):
+        batch = batches[step]
+        assert batch["times_s"].shape == (4, batch["phases"].shape[1])
+
+
+def test_validation_patches_group_cases_by_protocol_length():
+    cases = [random_case(0, n_phases=6), random_case(1, n_phases=4), random_case(2, n_phases=6)]
+    batches = validation_patches(cases, PATCH)
+    assert [tuple(b["phases"].shape[:2]) for b in batches] == [(1, 4), (2, 6)]
+    assert torch.equal(batches[1]["times_s"][0], torch.as_tensor(cases[0].times_s))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import platform
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from dcesynth.case import load_case, save_case
 from dcesynth.cli import app
 from dcesynth.config import PRESETS, RunConfig, preset
 from dcesynth.model import UNet3D, build_model
@@ -177,6 +179,72 @@ def test_warmup_feeds_real_phases_and_optimisation_feeds_own_outputs(cohort, tmp
         previous_prediction = free_running[k - 1][0] + free_running[k - 1][2]
         torch.testing.assert_close(current, previous_prediction)
         assert not torch.allclose(current, real[:, k + 1 : k + 2], atol=1e-3)
+
+
+# 4, 6 and 8 phases at different times, as collections such as MAMA-MIA mix them.
+MIXED_PROTOCOLS_S = (
+    (0.0, 80.0, 160.0, 240.0),
+    (0.0, 584.0, 714.0, 846.0, 977.0, 1108.0),
+    (0.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 420.0),
+)
+
+
+@pytest.fixture(scope="module")
+def mixed_cohort(tmp_path_factory):
+    """Six cases, two per protocol of MIXED_PROTOCOLS_S, in one folder."""
+    root = tmp_path_factory.mktemp("mixed")
+    data = root / "data"
+    for index, times_s in enumerate(MIXED_PROTOCOLS_S):
+        config = PhantomConfig(shape=(48, 48, 32), times_s=times_s)
+        for folder in simulate_cohort(root / f"p{index}", 2, seed=index, config=config, workers=1):
+            case = load_case(folder)
+            save_case(dataclasses.replace(case, case_id=f"p{index}_{case.case_id}"), data)
+    return data
+
+
+def test_iterunet_trains_on_a_cohort_of_mixed_protocols(mixed_cohort, tmp_path):
+    trainer = build_trainer(mixed_cohort, tmp_path, tiny(preset("demo"), val_every=2))
+    assert {len(case.times_s) for case in trainer.batches.cases} == {4, 6, 8}
+    # Each step's patches share a protocol length; over steps every length comes up.
+    lengths = [trainer.batches[step]["phases"].shape[1] for step in range(40)]
+    assert set(lengths) == {4, 6, 8}
+    metrics = trainer.fit(max_steps=4)
+    validated = {len(batch["times_s"][0]) for batch in trainer.val_batches}
+    assert max(validated) - 1 == max(
+        int(key.removeprefix("val_enh_error_").removesuffix("dyn"))
+        for key in metrics
+        if key.endswith("dyn")
+    )
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert RunDir(tmp_path).config.n_targets == 6
+
+
+def test_the_baseline_refuses_a_cohort_of_mixed_protocols(mixed_cohort, tmp_path):
+    run = tmp_path / "run"
+    result = train_cli(mixed_cohort, "--out", run, "--model", "baseline", "--max-steps", 1)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {mixed_cohort}: the baseline predicts the phases of one protocol, but the "
+        "cases have 4, 6, 8 phases; train iterU-Net on a mixed cohort, or the baseline on "
+        "cases of one protocol\n"
+    )
+    assert not run.exists()
+
+
+def test_a_case_of_two_phases_is_refused_by_name(cohort, tmp_path):
+    data = tmp_path / "data"
+    for folder in sorted(cohort.iterdir())[:2]:
+        save_case(load_case(folder), data)
+    case = load_case(sorted(cohort.iterdir())[0])
+    short = dataclasses.replace(
+        case, case_id="short", phases=case.phases[:2], times_s=case.times_s[:2]
+    )
+    save_case(short, data)
+    result = train_cli(data, "--out", tmp_path / "run", "--max-steps", 1)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {data / 'short'}: training needs at least 3 phases (pre, 2 post), got 2\n"
+    )
 
 
 def test_second_training_into_a_run_folder_exits_2(cohort, straight_run):

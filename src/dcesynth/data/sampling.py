@@ -6,6 +6,12 @@ the breast ROI. Augmentation (the paper's: Gaussian noise p 0.5 std 0.02, Gaussi
 smooth / sharpen p 0.2, axis flips and in-plane 90 degree rotations p 0.5) acts on
 all phases of a patch at once, so the phases stay aligned.
 
+A cohort may mix protocols (phase counts and times). The patches of one step come from
+cases with the same number of phases, so that they stack into one batch and roll out
+together; which phase count a step draws is random, in proportion to its cases. Padding
+every batch to the longest protocol and masking the missing steps would roll every
+batch out over the longest protocol instead (docs/performance.md measures both).
+
 Every random choice of step ``s`` comes from a generator seeded with
 ``(seed, s, rank)``: a batch depends only on its step, which makes resumed runs
 and runs with data-loading workers identical to uninterrupted, serial ones.
@@ -67,18 +73,12 @@ def prepare_case(case: Case, patch: Sequence[int]) -> PreparedCase:
     )
 
 
-def shared_phase_count(cases: list[PreparedCase], where: str) -> int:
-    """The number of phases T that all ``cases`` have (batches stack them).
-
-    Raises:
-        InputError: the cases have different numbers of phases; ``where`` names them.
-    """
-    counts = {case.phases.shape[0] for case in cases}
-    if len(counts) != 1:
-        raise InputError(
-            f"{where}: cases must share one protocol length; got phase counts {sorted(counts)}"
-        )
-    return counts.pop()
+def protocol_groups(cases: list[PreparedCase]) -> dict[int, list[int]]:
+    """Indices of ``cases`` by their number of phases T, fewest phases first."""
+    groups: dict[int, list[int]] = {}
+    for index, case in enumerate(cases):
+        groups.setdefault(case.phases.shape[0], []).append(index)
+    return dict(sorted(groups.items()))
 
 
 def crop_start(centre: np.ndarray, patch: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -138,7 +138,8 @@ class PatchBatches(torch.utils.data.Dataset):
     """Batch number ``step`` of training: ``2 * cases_per_step`` augmented patches.
 
     Items are dicts with ``phases`` (B, T, *patch) float32, ``times_s`` (B, T) and
-    ``lesion`` (B, 1, *patch) bool, the lesion mask of each patch.
+    ``lesion`` (B, 1, *patch) bool, the lesion mask of each patch. T is the phase count
+    of the step's cases (see the module docstring for mixed protocols).
     """
 
     def __init__(
@@ -152,10 +153,13 @@ class PatchBatches(torch.utils.data.Dataset):
         augment: bool = True,
         lesion_offset: float = 0.0,
     ):
-        shared_phase_count(cases, "training")
+        if not cases:
+            raise InputError("no training cases")
         if any(len(c.roi_voxels) == 0 for c in cases):
             raise InputError("a training case has an empty breast ROI")
         self.cases, self.patch = cases, tuple(patch)
+        self.groups = list(protocol_groups(cases).values())
+        self.group_shares = np.asarray([len(g) for g in self.groups]) / len(cases)
         self.cases_per_step, self.total_steps = cases_per_step, total_steps
         self.seed, self.rank = seed, rank
         self.transform = augmentation(self.patch) if augment else None
@@ -167,7 +171,10 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
         patches, times, lesions = [], [], []
-        for index in rng.choice(len(self.cases), size=self.cases_per_step):
+        group = self.groups[0]
+        if len(self.groups) > 1:
+            group = self.groups[rng.choice(len(self.groups), p=self.group_shares)]
+        for index in rng.choice(group, size=self.cases_per_step):
             case = self.cases[index]
             lesion_pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels
             for pool in (lesion_pool, case.roi_voxels):
@@ -189,15 +196,25 @@ class PatchBatches(torch.utils.data.Dataset):
         }
 
 
-def validation_patches(cases: list[PreparedCase], patch: Sequence[int]) -> dict[str, torch.Tensor]:
+def validation_patches(
+    cases: list[PreparedCase], patch: Sequence[int]
+) -> list[dict[str, torch.Tensor]]:
     """One patch per case, centred on the lesion voxel nearest its lesions' centroid.
 
     Snapping to a voxel keeps the centre inside a lesion when a case has several (their
     centroid may lie between them). Cases without lesions use the ROI the same way.
 
     Returns:
-        ``phases`` (N, T, *patch), ``times_s`` (N, T), ``lesion`` (N, 1, *patch) bool.
+        One batch per phase count T (fewest phases first), each with ``phases``
+        (N, T, *patch), ``times_s`` (N, T) and ``lesion`` (N, 1, *patch) bool.
     """
+    return [
+        _centred_patches([cases[i] for i in group], patch)
+        for group in protocol_groups(cases).values()
+    ]
+
+
+def _centred_patches(cases: list[PreparedCase], patch: Sequence[int]) -> dict[str, torch.Tensor]:
     phases, times, lesions = [], [], []
     for case in cases:
         pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels

@@ -40,7 +40,7 @@ from dcesynth.data.sampling import (
     PatchBatches,
     PreparedCase,
     prepare_case,
-    shared_phase_count,
+    protocol_groups,
     validation_patches,
 )
 from dcesynth.io import InputError
@@ -159,7 +159,8 @@ class Trainer:
         model: the model, on ``device``.
         loss: the training loss, on ``device``.
         batches: the training batches by step.
-        val_batch: the fixed validation patches (``validation_patches``).
+        val_batches: the fixed validation patches, one batch per protocol length
+            (``validation_patches``).
         rank: this process's rank (only rank 0 writes files).
         net: what a step calls: ``model`` or its DistributedDataParallel wrapper.
         owns_process_group: whether ``close`` leaves the process group.
@@ -173,14 +174,14 @@ class Trainer:
         model: torch.nn.Module,
         loss: CombinedLoss,
         batches: PatchBatches,
-        val_batch: dict[str, torch.Tensor],
+        val_batches: list[dict[str, torch.Tensor]],
         rank: int = 0,
         net: torch.nn.Module | None = None,
         owns_process_group: bool = False,
     ):
         self.run, self.config, self.device = run, config, device
         self.model, self.net = model, model if net is None else net
-        self.loss, self.batches, self.val_batch = loss, batches, val_batch
+        self.loss, self.batches, self.val_batches = loss, batches, val_batches
         self.rank, self.owns_process_group = rank, owns_process_group
         self.amp = use_bf16(device, config.train.amp)
         self.stages = stages(config)
@@ -320,7 +321,7 @@ class Trainer:
             save_weights(self.run.warmup_weights, self.model)
 
     def validate_and_save(self, stage: Stage, terms: dict[str, float]) -> dict[str, float]:
-        metrics = validate(self.model, self.val_batch, self.device, self.amp)
+        metrics = validate(self.model, self.val_batches, self.device, self.amp)
         record = {"step": self.step, "stage": stage.name, **terms, **metrics}
         if self.rank == 0:
             self.run.append_log(record)
@@ -359,9 +360,10 @@ def load_training_cases(
 ) -> tuple[list[PreparedCase], list[PreparedCase]]:
     """The training and validation cases of ``data_dir``, split by ``train``'s seed.
 
+    The cases may mix protocols (phase counts and times).
+
     Raises:
-        InputError: fewer than 2 cases, a bad case, cases of different protocol lengths
-            or fewer than 3 phases.
+        InputError: fewer than 2 cases, a bad case, or a case of fewer than 3 phases.
     """
     case_dirs = find_cases(data_dir)
     if len(case_dirs) < 2:
@@ -369,9 +371,28 @@ def load_training_cases(
     train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
     train_cases = [prepare_case(load_case(d), train.patch) for d in train_dirs]
     val_cases = [prepare_case(load_case(d), train.patch) for d in val_dirs]
-    if shared_phase_count(train_cases + val_cases, str(data_dir)) < 3:
-        raise InputError(f"{data_dir}: training needs at least 3 phases (pre, 2 post)")
+    for case in train_cases + val_cases:
+        if case.phases.shape[0] < 3:
+            raise InputError(
+                f"{data_dir / case.case_id}: training needs at least 3 phases (pre, 2 post), "
+                f"got {case.phases.shape[0]}"
+            )
     return train_cases, val_cases
+
+
+def check_model_fits_cohort(model: str, phase_counts: list[int], data_dir: Path) -> None:
+    """Refuse a cohort of mixed protocol lengths for the baseline, which has one U-Net per
+    target phase of a single protocol (iterU-Net rolls out over any protocol).
+
+    Raises:
+        InputError: ``model`` is the baseline and ``phase_counts`` has several values.
+    """
+    if model == "baseline" and len(phase_counts) > 1:
+        raise InputError(
+            f"{data_dir}: the baseline predicts the phases of one protocol, but the cases "
+            f"have {', '.join(map(str, phase_counts))} phases; train iterU-Net on a mixed "
+            "cohort, or the baseline on cases of one protocol"
+        )
 
 
 def prepare_process(world: int) -> tuple[torch.device, bool]:
@@ -419,7 +440,7 @@ def build_trainer(
     (rank 0) once everything is set up, so a bad input leaves nothing behind.
 
     Args:
-        data_dir: folder of training cases sharing one protocol.
+        data_dir: folder of training cases (iterU-Net: protocols may differ).
         run_dir: the run folder (``RunDir``).
         config: the run's config; when resuming, the run's own config is used instead.
         resume: continue the run in ``run_dir`` from its last checkpoint.
@@ -436,7 +457,9 @@ def build_trainer(
     config = resolve_config(run, config, resume)
     train = config.train
     train_cases, val_cases = load_training_cases(data_dir, train)
-    n_phases = train_cases[0].phases.shape[0]  # the same in every case (checked on loading)
+    phase_counts = list(protocol_groups(train_cases + val_cases))
+    check_model_fits_cohort(config.model.name, phase_counts, data_dir)
+    n_phases = phase_counts[-1]
     if not resume:
         config = dataclasses.replace(config, n_targets=n_phases - 2)
     batches = PatchBatches(
@@ -448,7 +471,7 @@ def build_trainer(
         rank,
         lesion_offset=train.lesion_offset,
     )
-    val_batch = validation_patches(val_cases, train.patch)
+    val_batches = validation_patches(val_cases, train.patch)
     # The model's initial weights depend on the seed alone: it is built right after seeding.
     torch.manual_seed(train.seed)
     model = build_model(
@@ -464,7 +487,7 @@ def build_trainer(
         model,
         loss,
         batches,
-        val_batch,
+        val_batches,
         rank=rank,
         net=net,
         owns_process_group=owns_process_group,

@@ -25,12 +25,15 @@ def lesion_means(phases: torch.Tensor, lesion: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def validate(
     model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
     device: torch.device,
     amp: bool,
     chunk: int = 2,
 ) -> dict[str, float]:
-    """Kinetic validation metrics of ``model`` on ``batch`` (see validation_patches).
+    """Kinetic validation metrics of ``model`` on ``batches`` (see validation_patches).
+
+    Each case is scored on its own protocol; a phase's error averages the cases that have
+    that phase, and "last" is each case's own last phase.
 
     Returns:
         ``val_enh_error_{k}dyn`` per predicted phase, ``val_enh_error_last``,
@@ -39,22 +42,27 @@ def validate(
     """
     was_training = model.training
     model.eval()
-    phases, times, lesion = batch["phases"], batch["times_s"], batch["lesion"]
     real_curves, synth_curves = [], []
-    for start in range(0, phases.shape[0], chunk):
-        part = phases[start : start + chunk].to(device)
-        part_times = times[start : start + chunk].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            preds = model(part[:, :1], part[:, 1:2], part_times[:, 1:])
-        mask = lesion[start : start + chunk].to(device)
-        real_curves.append(lesion_means(part, mask))
-        synth = torch.cat([part[:, :2], preds.float()], dim=1)
-        synth_curves.append(lesion_means(synth, mask))
+    for batch in batches:
+        phases, times, lesion = batch["phases"], batch["times_s"], batch["lesion"]
+        for start in range(0, phases.shape[0], chunk):
+            part = phases[start : start + chunk].to(device)
+            part_times = times[start : start + chunk].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                preds = model(part[:, :1], part[:, 1:2], part_times[:, 1:])
+            mask = lesion[start : start + chunk].to(device)
+            real_curves.extend(lesion_means(part, mask))
+            synth = torch.cat([part[:, :2], preds.float()], dim=1)
+            synth_curves.extend(lesion_means(synth, mask))
     model.train(was_training)
-    real, synth = np.concatenate(real_curves), np.concatenate(synth_curves)
-    errors = ((real - synth) ** 2).mean(axis=0)
-    metrics = {f"val_enh_error_{k}dyn": float(errors[k]) for k in range(2, real.shape[1])}
-    metrics["val_enh_error_last"] = float(errors[-1])
-    metrics["val_enh_error_last_copy"] = float(((real[:, -1] - real[:, 1]) ** 2).mean())
-    metrics["val_scc"] = float(np.mean([spearman(r, s) for r, s in zip(real, synth, strict=True)]))
+    errors = [(real - synth) ** 2 for real, synth in zip(real_curves, synth_curves, strict=True)]
+    metrics = {
+        f"val_enh_error_{k}dyn": float(np.mean([e[k] for e in errors if len(e) > k]))
+        for k in range(2, max(len(e) for e in errors))
+    }
+    metrics["val_enh_error_last"] = float(np.mean([e[-1] for e in errors]))
+    metrics["val_enh_error_last_copy"] = float(np.mean([(r[-1] - r[1]) ** 2 for r in real_curves]))
+    metrics["val_scc"] = float(
+        np.mean([spearman(r, s) for r, s in zip(real_curves, synth_curves, strict=True)])
+    )
     return metrics
