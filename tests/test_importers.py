@@ -355,6 +355,42 @@ def test_mamamia_tree_of_mixed_protocols_imports_and_trains_iterunet(tmp_path):
     assert RunDir(run).best_weights.is_file()
 
 
+def test_unilateral_sagittal_case_is_skipped_naming_the_mask_to_supply(tmp_path):
+    src, patient = tmp_path / "src", "ISPY1_1001"
+    body, breasts = _anatomy()
+    x = np.arange(SHAPE[0])[:, None, None]
+    one_breast = breasts & (x >= SHAPE[0] // 2)
+    # Sagittal storage: voxel axes (A-P, S-I, R-L) of the RAS-ordered arrays.
+    sagittal = np.array(
+        [[0, 0, VOXEL_MM, 0], [VOXEL_MM, 0, 0, 0], [0, VOXEL_MM, 0, 0], [0, 0, 0, 1]]
+    )
+    to_sagittal = (1, 2, 0)
+    for k in range(3):
+        image = 5.0 + 95.0 * (body | one_breast) + 3.0 * k * one_breast
+        path = src / "images" / patient / f"{patient.lower()}_{k:04d}.nii.gz"
+        _save(path, image.transpose(to_sagittal).astype(np.float32), sagittal)
+    seg = _lesion_mask().transpose(to_sagittal).astype(np.uint8)
+    _save(src / "segmentations" / "expert" / f"{patient.lower()}.nii.gz", seg, sagittal)
+    times = [0, 90, 180]
+
+    with pytest.raises(NothingImportedError) as error:
+        import_cohort("mama-mia", src, tmp_path / "out", times_s=times)
+    assert error.value.summary.skipped == [
+        (
+            patient,
+            f"{patient}: automatic breast mask found no cleavage between two breasts "
+            "(unilateral or non-axial scan?); supply its breast mask (1 inside the breast, "
+            f"on its pre phase's grid) as DIR/{patient}.nii.gz and pass --roi-dir DIR",
+        )
+    ]
+    mask = one_breast.transpose(to_sagittal).astype(np.uint8)
+    _save(tmp_path / "rois" / f"{patient}.nii.gz", mask, sagittal)
+    import_cohort("mama-mia", src, tmp_path / "out", times_s=times, roi_dir=tmp_path / "rois")
+    case = load_case(tmp_path / "out" / patient)
+    assert case.extra["roi_automatic"] is False
+    np.testing.assert_array_equal(case.roi, mask)
+
+
 def test_mamamia_without_times_is_skipped_unless_times_given(tmp_path):
     src = tmp_path / "src"
     _write_mamamia(src, "NACT_01", 3, info={"imaging_data": {"acquisition_times": None}})

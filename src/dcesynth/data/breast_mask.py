@@ -29,6 +29,12 @@ from scipy import ndimage
 
 from dcesynth.io import InputError
 
+SUPPLY_MASK = (
+    "supply its breast mask (1 inside the breast, on its pre phase's grid) as "
+    "DIR/{where}.nii.gz and pass --roi-dir DIR"
+)
+"""What a case whose automatic mask fails needs instead (the ``--roi-dir`` convention)."""
+
 CLOSING_ITERATIONS = 2
 SMALLEST_KEPT_FRACTION = 0.1
 BAND_HALF_WIDTH = 0.1
@@ -62,12 +68,14 @@ def automatic_breast_mask(
     if levels is None:
         raise InputError(
             f"{where}: automatic breast mask found no cleavage between two breasts "
-            "(unilateral or non-axial scan?); give masks with --roi-dir"
+            f"(unilateral or non-axial scan?); {SUPPLY_MASK.format(where=where)}"
         )
     anterior = np.arange(ras.shape[1])[None, :, None] > levels[None, None, :]
     mask = _drop_specks(_filled(foreground) & anterior)
     if not mask.any():
-        raise InputError(f"{where}: automatic breast mask is empty; give masks with --roi-dir")
+        raise InputError(
+            f"{where}: automatic breast mask is empty; {SUPPLY_MASK.format(where=where)}"
+        )
     to_source = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), orientation)
     return nib.orientations.apply_orientation(mask, to_source).astype(np.uint8)
 
