@@ -3,8 +3,10 @@
 The file holds fixed weights, inputs, the outputs of every model and the gradients of one
 training step's loss (free-running and teacher-forced), made on CPU in fp32 with the models
 of commit `3b0cced` (list-of-phases interface, channels-last kernels inside the blocks).
-The plain models and the accelerated ones (`dcesynth.accel`) must reproduce them to 1e-5
-relative.
+The plain models and the accelerated ones (`dcesynth.accel`) must reproduce the outputs
+and the loss to 1e-5 and the gradients to 1e-4 relative: the file was made on a CPU with
+AVX-512, and fp32 rounding differs with the CPU's kernels (gradients up to 1.2e-5 apart on
+an AVX2 CPU), while a change of the maths moves them by far more.
 """
 
 from pathlib import Path
@@ -20,6 +22,7 @@ from dcesynth.train.losses import CombinedLoss, LossWeights
 REFERENCE = Path(__file__).parent / "data" / "model_reference.safetensors"
 FEATURES = (2, 2, 4, 4, 16, 2)
 RELATIVE = 1e-5
+GRADIENT_RELATIVE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +30,11 @@ def reference() -> dict[str, torch.Tensor]:
     return load_file(REFERENCE)
 
 
-def _close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Largest difference at most 1e-5 of the largest value."""
+def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, relative=RELATIVE) -> None:
+    """Largest difference at most ``relative`` of the largest value."""
     scale = expected.abs().max().item()
     error = (actual - expected).abs().max().item()
-    assert error <= RELATIVE * scale, f"{name}: max error {error:.3g}, scale {scale:.3g}"
+    assert error <= relative * scale, f"{name}: max error {error:.3g}, scale {scale:.3g}"
 
 
 def _model(kind: str) -> torch.nn.Module:
@@ -80,4 +83,5 @@ def test_outputs_and_gradients_match_the_reference(
         f"{record} gradients",
         torch.cat([parameter.grad.flatten() for _, parameter in model.named_parameters()]),
         torch.cat([reference[f"{record}.grads.{name}"].flatten() for name in names]),
+        GRADIENT_RELATIVE,
     )
