@@ -13,6 +13,13 @@ from dcesynth import physics
 PAPER_TIMES_S = np.array([0.0, 85.0, 155.0, 225.0, 295.0, 365.0])
 
 
+def parker_input(bolus_arrival_s: float) -> physics.SampledInput:
+    """The Parker AIF arriving at ``bolus_arrival_s``, sampled for the paper's protocol."""
+    return physics.sample_input(
+        PAPER_TIMES_S, physics.ArterialInput(bolus_arrival_s=bolus_arrival_s)
+    )
+
+
 def parker_blood_mM(times_s: np.ndarray) -> np.ndarray:
     """Parker et al., MRM 56:993 (2006), eq. 1 and Table 1, written out (t in minutes)."""
     t_min = np.asarray(times_s) / 60.0
@@ -46,7 +53,7 @@ def test_aif_bolus_arrival_delays_the_curve():
 
 def test_plasma_input_is_blood_over_one_minus_haematocrit():
     grid_s = np.array([10.0, 60.0, 300.0])
-    plasma = physics.plasma_input_mM(grid_s, bolus_arrival_s=0.0)
+    plasma = physics.plasma_input_mM(grid_s, physics.ArterialInput(bolus_arrival_s=0.0))
     np.testing.assert_allclose(plasma, parker_blood_mM(grid_s) / 0.55, rtol=1e-3)
 
 
@@ -77,7 +84,7 @@ def test_tissue_concentration_matches_dcmri_on_a_fine_grid(ktrans_per_min, ve, v
         vi=ve,
         PS=ktrans_per_min / 60.0,
     )
-    ours = physics.tissue_concentration_mM(PAPER_TIMES_S, ktrans_per_min, ve, vp, 10.0)
+    ours = physics.tissue_concentration_mM(parker_input(10.0), ktrans_per_min, ve, vp)
     np.testing.assert_allclose(ours[1:], np.interp(PAPER_TIMES_S, fine_s, reference)[1:], rtol=1e-3)
 
 
@@ -90,7 +97,7 @@ def test_tissue_concentration_matches_direct_quadrature_of_the_convolution():
         plasma = parker_blood_mM(s - bolus_arrival_s) / 0.55
         integral = np.trapezoid(plasma * np.exp(-kep_per_s * (t_s - s)), s)
         expected.append(vp * plasma[-1] + ktrans_per_min / 60.0 * integral)
-    ours = physics.tissue_concentration_mM(PAPER_TIMES_S, ktrans_per_min, ve, vp, bolus_arrival_s)
+    ours = physics.tissue_concentration_mM(parker_input(bolus_arrival_s), ktrans_per_min, ve, vp)
     np.testing.assert_allclose(ours[1:], expected, rtol=1e-3)
 
 
