@@ -142,3 +142,52 @@ def test_spgr_signal_keeps_float32_and_scales_with_proton_density():
     np.testing.assert_allclose(
         signal, 800.0 * physics.spgr_signal(1.0, r1.astype(float)), rtol=1e-4
     )
+
+
+def test_weinmann_aif_is_0_877_mM_at_arrival_and_zero_before():
+    # 0.1 mmol/kg x (3.99 + 4.78) kg/L = 0.877 mM; at 10 min: 0.1 (3.99 e^-1.44 + 4.78 e^-0.111)
+    plasma = physics.aif_weinmann_plasma_mM(np.array([5.0, 20.0, 620.0]), bolus_arrival_s=20.0)
+    np.testing.assert_allclose(plasma, [0.0, 0.877, 0.0945 + 0.4278], rtol=1e-3)
+
+
+def test_injection_box_keeps_the_dose_and_spreads_the_peak():
+    grid_s = np.arange(0.0, 600.0, 0.5)
+    bolus = physics.ArterialInput(bolus_arrival_s=10.0)
+    boxed = physics.ArterialInput(bolus_arrival_s=10.0, injection_duration_s=30.0)
+    sharp, spread = (
+        physics.arterial_blood_mM(grid_s, bolus),
+        physics.arterial_blood_mM(grid_s, boxed),
+    )
+    assert np.trapezoid(spread, grid_s) == pytest.approx(np.trapezoid(sharp, grid_s), rel=0.01)
+    assert spread.max() < 0.6 * sharp.max()
+    assert grid_s[spread.argmax()] > grid_s[sharp.argmax()]
+
+
+def test_sampled_input_scales_with_amplitude_and_gives_blood_at_the_phase_times():
+    plain = physics.sample_input(PAPER_TIMES_S, physics.ArterialInput(family="weinmann"))
+    double = physics.sample_input(
+        PAPER_TIMES_S, physics.ArterialInput(family="weinmann", amplitude_scale=2.0)
+    )
+    np.testing.assert_allclose(double.plasma_mM, 2.0 * plain.plasma_mM)
+    np.testing.assert_allclose(
+        plain.blood_mM, 0.55 * physics.aif_weinmann_plasma_mM(PAPER_TIMES_S, 10.0)
+    )
+
+
+def test_unknown_aif_family_is_refused():
+    with pytest.raises(ValueError, match="AIF family must be one of"):
+        physics.ArterialInput(family="gamma")
+
+
+def test_gd_dtpa_relaxivity_at_1_5t_is_4_1_per_mM_s_and_t1s_are_shorter():
+    assert physics.gd_dtpa_relaxivity_per_mM_s(1.5) == pytest.approx(4.1)
+    assert set(physics.T1_1P5T_S) == set(physics.T1_3T_S)
+    assert all(physics.T1_1P5T_S[t] < physics.T1_3T_S[t] for t in physics.T1_3T_S)
+    assert physics.T1_1P5T_S["fat"] == pytest.approx(0.30)
+
+
+def test_spgr_signal_follows_tr_and_flip_angle_like_dcmri():
+    expected = dcmri.signal_ss(1.0, 1 / 1.3, 6.0e-3, 18.0)
+    assert float(physics.spgr_signal(1.0, 1 / 1.3, 6.0e-3, 18.0)) == pytest.approx(
+        expected, rel=1e-3
+    )
