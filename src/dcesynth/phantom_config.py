@@ -110,6 +110,10 @@ class PhantomConfig:
         for item in fields(self):
             if item.name.endswith("_range") or "_range_" in item.name:
                 check_range(item.name, getattr(self, item.name), lower_bounds.get(item.name))
+        if not all(isinstance(n, int) for n in self.n_phases_range):
+            raise InputError(
+                f"phantom: n_phases_range must be whole numbers, got {self.n_phases_range}"
+            )
         for name, value in (
             ("fgt_density_range", self.fgt_density_range[1]),
             ("fat_residual_range", self.fat_residual_range[1]),
