@@ -1,5 +1,7 @@
 """`dcesynth simulate`: a good run, and bad input ending in exit 2, one `error:` line, no output."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -28,6 +30,39 @@ def test_simulate_takes_any_protocol(tmp_path):
     assert load_case(out / "phantom_0000").times_s == [0.0, 60.0, 420.0]
 
 
+def test_simulate_randomised_phantom_writes_cases_with_their_own_protocol(tmp_path):
+    out = tmp_path / "cohort"
+    result = simulate(
+        str(out),
+        "--cases",
+        "3",
+        "--seed",
+        "2",
+        "--shape",
+        "32",
+        "32",
+        "16",
+        "--phantom",
+        "randomised",
+    )
+    assert result.exit_code == 0, result.stderr
+    cases = [load_case(out / f"phantom_{i:04d}") for i in range(3)]
+    metas = [json.loads((out / case.case_id / "meta.json").read_text()) for case in cases]
+    assert len({tuple(meta["times_s"]) for meta in metas}) == 3
+    for case, meta in zip(cases, metas, strict=True):
+        assert case.phase_names == meta["phases"] and 3 <= len(case.times_s) <= 8
+        assert {"field_t", "noise_model", "aif_family"} <= meta["acquisition"].keys()
+        assert all(lesion["curve_type"] for lesion in case.lesions)
+
+
+def test_simulate_randomised_phantom_keeps_given_times(tmp_path):
+    out = tmp_path / "cohort"
+    args = ["--cases", "1", "--shape", "32", "32", "16", "--phantom", "randomised"]
+    result = simulate(str(out), *args, "--times", "0,60,120")
+    assert result.exit_code == 0, result.stderr
+    assert load_case(out / "phantom_0000").times_s == [0.0, 60.0, 120.0]
+
+
 @pytest.mark.parametrize(
     ("args", "problem"),
     [
@@ -37,6 +72,7 @@ def test_simulate_takes_any_protocol(tmp_path):
         (["--times", "10,85,155"], "error: --times: the pre-contrast phase must be at 0 s"),
         (["--shape", "32", "32", "15"], "error: --shape: must be at least (32, 32, 16)"),
         (["--seed", "-1"], "error: --seed: must be 0 or more, got -1"),
+        (["--phantom", "wild"], "error: --phantom: expected one of default, randomised"),
     ],
     ids=[
         "no-cases",
@@ -45,6 +81,7 @@ def test_simulate_takes_any_protocol(tmp_path):
         "pre-not-at-0",
         "shape-too-small",
         "negative-seed",
+        "unknown-phantom",
     ],
 )
 def test_simulate_bad_option_exits_2_with_one_error_line(tmp_path, args, problem):

@@ -13,6 +13,13 @@ from dcesynth import physics
 PAPER_TIMES_S = np.array([0.0, 85.0, 155.0, 225.0, 295.0, 365.0])
 
 
+def parker_input(bolus_arrival_s: float) -> physics.SampledInput:
+    """The Parker AIF arriving at ``bolus_arrival_s``, sampled for the paper's protocol."""
+    return physics.sample_input(
+        PAPER_TIMES_S, physics.ArterialInput(bolus_arrival_s=bolus_arrival_s)
+    )
+
+
 def parker_blood_mM(times_s: np.ndarray) -> np.ndarray:
     """Parker et al., MRM 56:993 (2006), eq. 1 and Table 1, written out (t in minutes)."""
     t_min = np.asarray(times_s) / 60.0
@@ -46,7 +53,7 @@ def test_aif_bolus_arrival_delays_the_curve():
 
 def test_plasma_input_is_blood_over_one_minus_haematocrit():
     grid_s = np.array([10.0, 60.0, 300.0])
-    plasma = physics.plasma_input_mM(grid_s, bolus_arrival_s=0.0)
+    plasma = physics.plasma_input_mM(grid_s, physics.ArterialInput(bolus_arrival_s=0.0))
     np.testing.assert_allclose(plasma, parker_blood_mM(grid_s) / 0.55, rtol=1e-3)
 
 
@@ -77,7 +84,7 @@ def test_tissue_concentration_matches_dcmri_on_a_fine_grid(ktrans_per_min, ve, v
         vi=ve,
         PS=ktrans_per_min / 60.0,
     )
-    ours = physics.tissue_concentration_mM(PAPER_TIMES_S, ktrans_per_min, ve, vp, 10.0)
+    ours = physics.tissue_concentration_mM(parker_input(10.0), ktrans_per_min, ve, vp)
     np.testing.assert_allclose(ours[1:], np.interp(PAPER_TIMES_S, fine_s, reference)[1:], rtol=1e-3)
 
 
@@ -90,7 +97,7 @@ def test_tissue_concentration_matches_direct_quadrature_of_the_convolution():
         plasma = parker_blood_mM(s - bolus_arrival_s) / 0.55
         integral = np.trapezoid(plasma * np.exp(-kep_per_s * (t_s - s)), s)
         expected.append(vp * plasma[-1] + ktrans_per_min / 60.0 * integral)
-    ours = physics.tissue_concentration_mM(PAPER_TIMES_S, ktrans_per_min, ve, vp, bolus_arrival_s)
+    ours = physics.tissue_concentration_mM(parker_input(bolus_arrival_s), ktrans_per_min, ve, vp)
     np.testing.assert_allclose(ours[1:], expected, rtol=1e-3)
 
 
@@ -134,4 +141,53 @@ def test_spgr_signal_keeps_float32_and_scales_with_proton_density():
     # float32 keeps ~1e-5 of 1 - E1 (E1 close to 1), far below the image noise.
     np.testing.assert_allclose(
         signal, 800.0 * physics.spgr_signal(1.0, r1.astype(float)), rtol=1e-4
+    )
+
+
+def test_weinmann_aif_is_0_877_mM_at_arrival_and_zero_before():
+    # 0.1 mmol/kg x (3.99 + 4.78) kg/L = 0.877 mM; at 10 min: 0.1 (3.99 e^-1.44 + 4.78 e^-0.111)
+    plasma = physics.aif_weinmann_plasma_mM(np.array([5.0, 20.0, 620.0]), bolus_arrival_s=20.0)
+    np.testing.assert_allclose(plasma, [0.0, 0.877, 0.0945 + 0.4278], rtol=1e-3)
+
+
+def test_injection_box_keeps_the_dose_and_spreads_the_peak():
+    grid_s = np.arange(0.0, 600.0, 0.5)
+    bolus = physics.ArterialInput(bolus_arrival_s=10.0)
+    boxed = physics.ArterialInput(bolus_arrival_s=10.0, injection_duration_s=30.0)
+    sharp, spread = (
+        physics.arterial_blood_mM(grid_s, bolus),
+        physics.arterial_blood_mM(grid_s, boxed),
+    )
+    assert np.trapezoid(spread, grid_s) == pytest.approx(np.trapezoid(sharp, grid_s), rel=0.01)
+    assert spread.max() < 0.6 * sharp.max()
+    assert grid_s[spread.argmax()] > grid_s[sharp.argmax()]
+
+
+def test_sampled_input_scales_with_amplitude_and_gives_blood_at_the_phase_times():
+    plain = physics.sample_input(PAPER_TIMES_S, physics.ArterialInput(family="weinmann"))
+    double = physics.sample_input(
+        PAPER_TIMES_S, physics.ArterialInput(family="weinmann", amplitude_scale=2.0)
+    )
+    np.testing.assert_allclose(double.plasma_mM, 2.0 * plain.plasma_mM)
+    np.testing.assert_allclose(
+        plain.blood_mM, 0.55 * physics.aif_weinmann_plasma_mM(PAPER_TIMES_S, 10.0)
+    )
+
+
+def test_unknown_aif_family_is_refused():
+    with pytest.raises(ValueError, match="AIF family must be one of"):
+        physics.ArterialInput(family="gamma")
+
+
+def test_gd_dtpa_relaxivity_at_1_5t_is_4_1_per_mM_s_and_t1s_are_shorter():
+    assert physics.gd_dtpa_relaxivity_per_mM_s(1.5) == pytest.approx(4.1)
+    assert set(physics.T1_1P5T_S) == set(physics.T1_3T_S)
+    assert all(physics.T1_1P5T_S[t] < physics.T1_3T_S[t] for t in physics.T1_3T_S)
+    assert physics.T1_1P5T_S["fat"] == pytest.approx(0.30)
+
+
+def test_spgr_signal_follows_tr_and_flip_angle_like_dcmri():
+    expected = dcmri.signal_ss(1.0, 1 / 1.3, 6.0e-3, 18.0)
+    assert float(physics.spgr_signal(1.0, 1 / 1.3, 6.0e-3, 18.0)) == pytest.approx(
+        expected, rel=1e-3
     )

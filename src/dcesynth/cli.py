@@ -233,13 +233,24 @@ def simulate(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Processes (default: all cores).")] = None,
     report: Annotated[bool, typer.Option(help="Also write OUT/report/index.html.")] = False,
+    phantom: Annotated[
+        str,
+        typer.Option(
+            help="Named phantom: default (the paper's scanner and protocol) or randomised "
+            "(scanner, protocol, injection and anatomy drawn per case from wide ranges)."
+        ),
+    ] = "default",
 ) -> None:
     """Simulate a breast DCE-MRI cohort with ground-truth kinetics."""
-    from dcesynth import pipeline
-    from dcesynth.phantom import PhantomConfig
+    from dataclasses import replace
 
-    config = PhantomConfig(
-        shape=tuple(shape), times_s=tuple(times_option(times) or PhantomConfig.times_s)
+    from dcesynth import pipeline
+    from dcesynth.phantom import phantom_config
+
+    base = phantom_config(phantom)
+    fixed_times = times_option(times)
+    config = replace(
+        base, shape=tuple(shape), times_s=tuple(fixed_times) if fixed_times else base.times_s
     )
     pipeline.simulate(out, cases, seed=seed, config=config, workers=workers, reporter=REPORTER)
     if report:
