@@ -45,17 +45,19 @@ def make_case(shape=(40, 36, 32), roi_box=(slice(4, 14), slice(4, 14), slice(0, 
     return Case("case_a", phases, TIMES, seg, roi, affine, source="test")
 
 
-def make_run(tmp_path, name="iterunet", n_targets=4, seed=0):
-    run_dir = tmp_path / f"run_{name}"
+def make_run(tmp_path, name="iterunet", n_targets=4, seed=0, relative_enhancement=False):
+    run_dir = tmp_path / f"run_{name}_{relative_enhancement}"
     (run_dir / "checkpoints").mkdir(parents=True)
-    config = RunConfig(
-        preset="test",
-        model=ModelConfig(name=name, features=FEATURES, temporal=name == "iterunet"),
-        train=TrainConfig(patch=PATCH, amp=False),
+    model_config = ModelConfig(
+        name=name,
+        features=FEATURES,
+        temporal=name == "iterunet",
+        relative_enhancement=relative_enhancement,
     )
+    config = RunConfig(preset="test", model=model_config, train=TrainConfig(patch=PATCH, amp=False))
     atomic_write_json(run_dir / "config.json", config.to_json())
     torch.manual_seed(seed)
-    model = build_model(name, FEATURES, name == "iterunet", n_targets)
+    model = build_model(name, FEATURES, name == "iterunet", n_targets, model_config.pre_channels)
     for module in model.modules():  # a visibly non-trivial output layer
         if hasattr(module, "final_conv"):
             torch.nn.init.normal_(module.final_conv.weight, std=0.5)
@@ -91,6 +93,28 @@ def test_prediction_files_keep_shape_and_affine(tmp_path, case_dir):
     codes = np.asarray(nib.load(folder / "kinetic_map.nii.gz").dataobj)
     assert set(np.unique(codes)) <= {0, 1, 2, 3}
     assert not codes[case.roi == 0].any()
+
+
+@pytest.mark.parametrize("name", ["iterunet", "baseline"])
+def test_relative_enhancement_input_tells_what_ti_norm_cannot(tmp_path, name):
+    # Scaling and offsetting every phase alike leaves TI-normalised phases unchanged, so a
+    # model on them alone predicts the same normalised output; the relative enhancement
+    # (S1 - S0) / S0 changes with the offset, and a model given it predicts differently.
+    case = make_case()
+    shifted = Case(
+        "case_b", case.phases * 0.5 + 40.0, case.times_s, case.seg, case.roi, case.affine
+    )
+    outputs = {}
+    for relative in (False, True):
+        run = load_run(make_run(tmp_path, name, relative_enhancement=relative), torch.device("cpu"))
+        outputs[relative] = [
+            (predict_case(run, c).phases[:, c.roi > 0] - c.phases[1][c.roi > 0].mean())
+            / c.phases[1][c.roi > 0].std()
+            for c in (case, shifted)
+        ]
+    plain, relative = outputs[False], outputs[True]
+    np.testing.assert_allclose(plain[0], plain[1], atol=2e-3)
+    assert np.abs(relative[0] - relative[1]).max() > 1e-2
 
 
 def test_predict_twice_gives_identical_files(tmp_path, case_dir):

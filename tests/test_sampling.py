@@ -12,7 +12,6 @@ from dcesynth.data.sampling import (
     augmentation,
     crop,
     prepare_case,
-    validation_patches,
 )
 
 PATCH = (16, 16, 16)
@@ -36,6 +35,7 @@ def coordinate_case(lesion_boxes, roi_box=((16, 32), (16, 32), (10, 22))) -> Pre
     return PreparedCase(
         case_id="coordinates",
         phases=phases,
+        context=np.zeros((0, *SHAPE), dtype=np.float32),
         times_s=np.array([0.0, 85.0, 155.0], dtype=np.float32),
         lesion_voxels=np.argwhere(lesion),
         roi_voxels=np.argwhere(roi | lesion),
@@ -117,18 +117,20 @@ def test_augmentation_moves_all_phases_together():
     assert changed >= 6
 
 
-def test_augmentation_keeps_the_lesion_mask_on_its_voxels():
+def test_augmentation_keeps_the_lesion_mask_and_context_on_their_voxels():
     case = coordinate_case([((20, 24), (20, 28), (14, 18))])
     augment = augmentation(PATCH)
     augment.intensity = transforms.Compose([])
     start = np.array([14, 14, 8])
     phases, lesion = crop(case.phases, start, PATCH), crop(case.lesion_mask, start, PATCH)
+    context = phases[:2] * 10.0
     moved = 0
     for seed in range(12):
-        out, mask = augment(phases, lesion, seed)
+        out, out_context, mask = augment(phases, context, lesion, seed)
         # Each voxel's phases hold the volume coordinates it came from.
         origin = tuple(np.rint(out).astype(int))
         np.testing.assert_array_equal(mask, case.lesion_mask[origin])
+        np.testing.assert_array_equal(out_context, out[:2] * 10.0)
         moved += not np.array_equal(mask, lesion)
     assert moved >= 6
 
@@ -146,18 +148,6 @@ def test_patches_keep_their_shape_when_the_patch_is_not_square_in_plane():
     patch = (32, 16, 16)
     batches = PatchBatches([random_case(0)], patch, 1, 12, seed=0)
     assert {tuple(batches[step]["phases"].shape) for step in range(12)} == {(2, 4, *patch)}
-
-
-def test_validation_patch_is_centred_on_a_lesion_voxel_when_lesions_are_apart():
-    # The two lesions' common centroid (x = 24) lies between them, outside both.
-    case = coordinate_case([((12, 16), (22, 26), (14, 18)), ((32, 36), (22, 26), (14, 18))])
-    (batch,) = validation_patches([case, random_case(1, n_phases=3)], PATCH)
-    assert batch["phases"].shape == (2, 3, *PATCH)
-    assert batch["times_s"].shape == (2, 3)
-    assert batch["lesion"].shape == (2, 1, *PATCH) and batch["lesion"].dtype == torch.bool
-    assert batch["lesion"][:, 0, CENTRE[0], CENTRE[1], CENTRE[2]].tolist() == [True, True]
-    centre = batch["phases"][0, :, CENTRE[0], CENTRE[1], CENTRE[2]].long().tolist()
-    assert case.lesion_mask[tuple(centre)]
 
 
 def test_prepare_case_pads_a_volume_smaller_than_the_patch():
@@ -185,6 +175,30 @@ def test_prepare_case_pads_a_volume_smaller_than_the_patch():
     assert batch["phases"].shape == (2, 3, 32, 32, 16)
 
 
+def test_relative_enhancement_context_is_the_signal_ratio_padded_with_zeros():
+    shape = (20, 24, 10)
+    phases = np.full((3, *shape), 100.0, dtype=np.float32)
+    phases[1] = 130.0
+    phases[1, :5] = 250.0  # relative enhancement 1.5
+    phases[0, :2] = 0.0  # air: the floor, then the clip at 6
+    roi = np.zeros(shape, dtype=np.uint8)
+    roi[:, :, 2:8] = 1
+    case = Case("ratio", phases, [0.0, 85.0, 155.0], np.zeros(shape, np.int16), roi, np.eye(4))
+
+    plain = prepare_case(case, (32, 32, 16))
+    prepared = prepare_case(case, (32, 32, 16), relative_enhancement=True)
+
+    assert plain.context.shape == (0, 32, 32, 16)
+    assert prepared.context.shape == (1, 32, 32, 16)
+    context = prepared.context[0]
+    np.testing.assert_allclose(context[:2, :24, :10], 6.0)
+    np.testing.assert_allclose(context[2:5, :24, :10], 1.5, rtol=1e-6)
+    np.testing.assert_allclose(context[5:20, :24, :10], 0.3, rtol=1e-5)
+    assert not context[20:].any() and not context[:, 24:].any() and not context[..., 10:].any()
+    batch = PatchBatches([prepared], (32, 32, 16), 1, 1, seed=0)[0]
+    assert batch["context"].shape == (2, 1, 32, 32, 16)
+
+
 def test_mixed_protocols_give_batches_of_one_length_in_proportion_to_their_cases():
     cases = [random_case(i, n_phases=n) for i, n in enumerate((4, 4, 4, 6, 8, 8))]
     batches = PatchBatches(cases, PATCH, 2, 600, seed=0)
@@ -194,10 +208,3 @@ def test_mixed_protocols_give_batches_of_one_length_in_proportion_to_their_cases
     for step in range(20):
         batch = batches[step]
         assert batch["times_s"].shape == (4, batch["phases"].shape[1])
-
-
-def test_validation_patches_group_cases_by_protocol_length():
-    cases = [random_case(0, n_phases=6), random_case(1, n_phases=4), random_case(2, n_phases=6)]
-    batches = validation_patches(cases, PATCH)
-    assert [tuple(b["phases"].shape[:2]) for b in batches] == [(1, 4), (2, 6)]
-    assert torch.equal(batches[1]["times_s"][0], torch.as_tensor(cases[0].times_s))

@@ -209,7 +209,7 @@ def test_iterunet_trains_on_a_cohort_of_mixed_protocols(mixed_cohort, tmp_path):
     lengths = [trainer.batches[step]["phases"].shape[1] for step in range(40)]
     assert set(lengths) == {4, 6, 8}
     metrics = trainer.fit(max_steps=4)
-    validated = {len(batch["times_s"][0]) for batch in trainer.val_batches}
+    validated = {len(case.times_s) for case in trainer.val_cases}
     assert max(validated) - 1 == max(
         int(key.removeprefix("val_enh_error_").removesuffix("dyn"))
         for key in metrics

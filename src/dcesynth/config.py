@@ -29,11 +29,21 @@ class ModelConfig:
             classical model of ``dcesynth.regression``; no network).
         features: channels per U-Net level (MONAI BasicUNet convention, 6 values).
         temporal: time embedding + ConvLSTM; False is the paper's ablation.
+        relative_enhancement: a network input beside pre and the current phase: the
+            relative enhancement of 1dyn over pre, ``(S1 - S0) / S0`` of the signal
+            (``dcesynth.data.tinorm.context_channels``), which TI-norm cannot express.
+            False is the paper's input.
     """
 
     name: str = "iterunet"
     features: tuple[int, ...] = PAPER_FEATURES
     temporal: bool = True
+    relative_enhancement: bool = False
+
+    @property
+    def pre_channels(self) -> int:
+        """Channels of the network's `pre` input: the pre-contrast image and any context."""
+        return 1 + int(self.relative_enhancement)
 
 
 @dataclass(frozen=True)

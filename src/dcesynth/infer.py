@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 from dcesynth.accel import accelerate, use_bf16
 from dcesynth.case import Case, phase_names, validate_times
 from dcesynth.config import RunConfig
-from dcesynth.data.tinorm import fit_case_norm
+from dcesynth.data.tinorm import context_channels, fit_case_norm
 from dcesynth.io import InputError, save_nifti, staged_directory
 from dcesynth.kinetics import kinetic_map
 from dcesynth.model import build_model
@@ -83,7 +83,11 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = build_model(
-            config.model.name, config.model.features, config.model.temporal, n_targets
+            config.model.name,
+            config.model.features,
+            config.model.temporal,
+            n_targets,
+            config.model.pre_channels,
         )
     except (ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{run.config_file}: cannot build the model ({exc})") from exc
@@ -124,43 +128,114 @@ def target_times(case: Case, n_inputs: int, times_s: Sequence[float] | None) -> 
 class WindowPredictor:
     """The function sliding_window_inference calls on a batch of windows.
 
-    A window is ``(W, 1 + n_observed + 1, x, y, z)``: pre, the observed phases, and the
-    ROI mask as the last channel. Returns ``(W, n_targets, x, y, z)``, the model's
-    predictions at ``times_s`` (observed then target times). Windows without ROI voxels
+    A window is ``(W, 1 + n_observed + C + 1, x, y, z)``: pre, the observed phases, the
+    model's C context channels (``context_channels``), and the ROI mask as the last
+    channel. Returns ``(W, n_targets, x, y, z)``, the model's predictions at ``times_s``
+    (observed then target times). Windows without ROI voxels
     are not run (the last observed phase stands in); ``calls`` counts the windows the model
     did run.
     """
 
     def __init__(
         self,
-        run: LoadedRun,
-        times_s: Sequence[float],
+        model: torch.nn.Module,
+        n_context: int,
+        times_s: torch.Tensor,
         n_targets: int,
         amp: bool,
         on_windows: Callable[[int], None] | None = None,
     ):
-        self.run, self.amp, self.on_windows = run, amp, on_windows
-        self.times_s = torch.tensor([float(t) for t in times_s], device=run.device)
+        self.model, self.n_context, self.amp, self.on_windows = model, n_context, amp, on_windows
+        self.times_s = times_s
         self.n_targets = n_targets
         self.calls = 0
         self.skipped = 0
 
     @torch.no_grad()
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        images, roi = windows[:, :-1], windows[:, -1]
+        n_images = windows.shape[1] - 1 - self.n_context
+        images, context, roi = windows[:, :n_images], windows[:, n_images:-1], windows[:, -1]
         out = images[:, -1:].expand(-1, self.n_targets, *images.shape[2:]).clone()
         active = roi.flatten(1).amax(dim=1) > 0.5
         if active.any():
             batch = images[active]
+            pre = torch.cat([batch[:, :1], context[active]], dim=1)
             times_s = self.times_s.expand(batch.shape[0], -1)
-            with torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                preds = self.run.model(batch[:, :1], batch[:, 1:], times_s)
+            with torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                preds = self.model(pre, batch[:, 1:], times_s)
             out[active] = preds.float()
         self.calls += int(active.sum())
         self.skipped += int((~active).sum())
         if self.on_windows:
             self.on_windows(windows.shape[0])
         return out
+
+
+@dataclass
+class VolumePrediction:
+    """``predict_volume``'s result: ``phases`` (K, X, Y, Z) in normalised units, the
+    windows run and skipped, and the voxel range per axis they tiled."""
+
+    phases: torch.Tensor
+    windows_run: int
+    windows_skipped: int
+    region: tuple[tuple[int, int], ...]
+
+
+@torch.no_grad()
+def predict_volume(
+    model: torch.nn.Module,
+    observed: np.ndarray,
+    context: np.ndarray,
+    roi: np.ndarray,
+    times_s: Sequence[float],
+    patch: Sequence[int],
+    overlap: float = 0.5,
+    amp: bool = False,
+    window_batch: int | None = None,
+    on_windows: Callable[[int], None] | None = None,
+) -> VolumePrediction:
+    """The model's rollout over a whole normalised volume, by sliding windows over its ROI.
+
+    Args:
+        model: a ``PhaseModel``, on the device it runs on.
+        observed: ``(T_obs, X, Y, Z)`` normalised pre then observed post-contrast phases.
+        context: ``(C, X, Y, Z)`` the model's context channels (``context_channels``).
+        roi: ``(X, Y, Z)`` breast ROI mask; windows tile its box (``roi_region``).
+        times_s: the observed post-contrast then the target times, seconds.
+        patch, overlap: window size and overlap.
+        amp: bf16 autocast.
+        window_batch: windows per model call (default 1 on CPU, 8 on CUDA).
+        on_windows: progress callback, called with the number of windows done.
+
+    Returns:
+        The K = ``len(times_s) - T_obs + 1`` predicted phases; outside the tiled region,
+        the last observed phase.
+    """
+    device = next(model.parameters()).device
+    n_targets = len(times_s) - observed.shape[0] + 1
+    region = roi_region(roi, patch, overlap)
+    box = tuple(slice(start, stop) for start, stop in region)
+    all_ = slice(None)
+    stack = np.concatenate(
+        [observed[(all_, *box)], context[(all_, *box)], np.asarray(roi)[box][None] > 0]
+    ).astype(np.float32)
+    predictor = WindowPredictor(
+        model,
+        context.shape[0],
+        torch.tensor([float(t) for t in times_s], device=device),
+        n_targets,
+        amp,
+        on_windows,
+    )
+    batch = window_batch or (8 if device.type == "cuda" else 1)
+    volume = torch.from_numpy(stack)[None].to(device)
+    output = sliding_window_inference(
+        volume, patch, batch, predictor, overlap=overlap, mode="gaussian"
+    )
+    phases = torch.from_numpy(observed[-1:]).repeat(n_targets, 1, 1, 1)
+    phases[(all_, *box)] = output[0].cpu()
+    return VolumePrediction(phases, predictor.calls, predictor.skipped, region)
 
 
 def predict_case(
@@ -201,36 +276,32 @@ def predict_case(
     except ValueError as exc:
         raise InputError(f"{case.case_id}: {exc}") from None
     norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
-    patch = run.config.train.patch
-    region = roi_region(case.roi, patch, overlap)
-    box = tuple(slice(start, stop) for start, stop in region)
-    observed = norm.forward(case.phases[(slice(0, len(names)), *box)])
-    stack = np.concatenate([observed, case.roi[box][None].astype(np.float32)])
-    volume = torch.from_numpy(stack)[None].to(run.device)
-    predictor = WindowPredictor(
-        run,
-        list(case.times_s[1 : len(names)]) + targets,
-        len(targets),
+    first = len(names)
+    volume = predict_volume(
+        run.model,
+        norm.forward(case.phases[:first]),
+        context_channels(case.phases[:2], run.config.model.relative_enhancement),
+        case.roi,
+        list(case.times_s[1:first]) + targets,
+        run.config.train.patch,
+        overlap,
         use_bf16(run.device, run.config.train.amp if amp is None else amp),
+        window_batch,
         on_windows,
     )
-    batch = window_batch or (8 if run.device.type == "cuda" else 1)
-    with torch.no_grad():
-        output = sliding_window_inference(
-            volume, patch, batch, predictor, overlap=overlap, mode="gaussian"
-        )
-    first = len(names)
-    phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is refused below
-        phases[(slice(None), *box)] = norm.inverse(output[0].cpu().numpy())
+        phases = norm.inverse(volume.phases.numpy())
+    outside = np.ones(case.shape, dtype=bool)
+    outside[tuple(slice(start, stop) for start, stop in volume.region)] = False
+    phases[:, outside] = case.phases[first - 1][outside]
     prediction = Prediction(
         phases=phases,
         names=phase_names(first + len(targets))[first:],
         times_s=list(case.times_s[:first]) + targets,
         n_inputs=first,
-        windows_run=predictor.calls,
-        windows_skipped=predictor.skipped,
-        region=region,
+        windows_run=volume.windows_run,
+        windows_skipped=volume.windows_skipped,
+        region=volume.region,
     )
     return _finite(run, case, prediction)
 

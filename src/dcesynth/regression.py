@@ -33,11 +33,8 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from dcesynth.case import Case
-from dcesynth.data.tinorm import TINorm, fit_case_norm
+from dcesynth.data.tinorm import TINorm, fit_case_norm, relative_enhancement
 from dcesynth.io import InputError, atomic_write_bytes
-
-RELATIVE_ENHANCEMENT_RANGE = (-1.0, 6.0)
-"""Clip of ``(S1 - S0) / S0``: dark pre-contrast voxels would otherwise give huge ratios."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +70,7 @@ def voxel_features(case: Case, norm: TINorm, config: RegressionConfig) -> np.nda
     """(X, Y, Z, F) float32 features of a case's pre and 1dyn (``feature_names``)."""
     pre, post = norm.forward(case.phases[0]), norm.forward(case.phases[1])
     enhancement = post - pre
-    signal_pre = case.phases[0].astype(np.float32)
-    floor = 1e-3 * max(float(np.abs(case.phases[1]).max()), 1e-12)
-    relative = np.clip(
-        (case.phases[1] - signal_pre) / np.maximum(signal_pre, floor), *RELATIVE_ENHANCEMENT_RANGE
-    ).astype(np.float32)
+    relative = relative_enhancement(case.phases[0], case.phases[1])
     channels = [pre, post, enhancement, relative]
     for sigma in config.sigmas_vox:
         channels += [

@@ -28,7 +28,7 @@ from monai import transforms
 from monai.data import set_track_meta
 
 from dcesynth.case import Case
-from dcesynth.data.tinorm import fit_case_norm
+from dcesynth.data.tinorm import context_channels, fit_case_norm
 from dcesynth.io import InputError
 
 set_track_meta(False)
@@ -41,6 +41,8 @@ class PreparedCase:
     Attributes:
         case_id: the case's name.
         phases: (T, X, Y, Z) float32 TI-normalised phases, padded to at least the patch.
+        context: (C, X, Y, Z) float32 network inputs besides the phases
+            (``context_channels``; C may be 0), padded like ``phases``.
         times_s: (T,) float32 acquisition times.
         lesion_voxels: (N, 3) voxel indices inside lesions (may be empty).
         roi_voxels: (M, 3) voxel indices inside the breast ROI.
@@ -49,23 +51,31 @@ class PreparedCase:
 
     case_id: str
     phases: np.ndarray
+    context: np.ndarray
     times_s: np.ndarray
     lesion_voxels: np.ndarray
     roi_voxels: np.ndarray
     lesion_mask: np.ndarray
 
 
-def prepare_case(case: Case, patch: Sequence[int]) -> PreparedCase:
-    """TI-normalise ``case`` and pad it so that every axis holds at least one patch."""
+def prepare_case(
+    case: Case, patch: Sequence[int], relative_enhancement: bool = False
+) -> PreparedCase:
+    """TI-normalise ``case`` and pad it so that every axis holds at least one patch.
+
+    ``relative_enhancement`` adds that context channel (``context_channels``).
+    """
     norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
     phases = norm.forward(case.phases)
     pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch, case.shape, strict=True)]
     phases = np.pad(phases, pad, mode="constant", constant_values=float(phases.min()))
+    context = np.pad(context_channels(case.phases, relative_enhancement), pad)
     lesion = np.pad(case.seg > 0, pad[1:])
     roi = np.pad(case.roi > 0, pad[1:])
     return PreparedCase(
         case_id=case.case_id,
         phases=np.ascontiguousarray(phases, dtype=np.float32),
+        context=np.ascontiguousarray(context, dtype=np.float32),
         times_s=np.asarray(case.times_s, dtype=np.float32),
         lesion_voxels=np.argwhere(lesion),
         roi_voxels=np.argwhere(roi),
@@ -99,22 +109,24 @@ class Augmentation:
 
     Attributes:
         intensity: noise, smoothing and sharpening, applied to the phases only.
-        spatial: axis flips and the in-plane 90 degree rotation, applied to the phases
-            and the lesion mask stacked, so that the mask stays aligned with its patch.
+        spatial: axis flips and the in-plane 90 degree rotation, applied to the phases,
+            the context channels and the lesion mask stacked, so that they stay aligned.
     """
 
     intensity: transforms.Compose
     spatial: transforms.Compose
 
     def __call__(
-        self, phases: np.ndarray, lesion: np.ndarray, seed: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Augmented ``(phases (T, *patch), lesion (*patch) bool)``, fixed by ``seed``."""
+        self, phases: np.ndarray, context: np.ndarray, lesion: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Augmented ``(phases (T, *patch), context (C, *patch), lesion (*patch) bool)``,
+        fixed by ``seed``."""
         self.intensity.set_random_state(seed=seed)
         self.spatial.set_random_state(seed=seed + 1)
-        stacked = np.concatenate([np.asarray(self.intensity(phases)), lesion[None]])
+        stacked = np.concatenate([np.asarray(self.intensity(phases)), context, lesion[None]])
         stacked = np.asarray(self.spatial(stacked))
-        return stacked[:-1], stacked[-1] > 0.5
+        n_phases = phases.shape[0]
+        return stacked[:n_phases], stacked[n_phases:-1], stacked[-1] > 0.5
 
 
 def augmentation(patch: Sequence[int]) -> Augmentation:
@@ -137,8 +149,9 @@ def augmentation(patch: Sequence[int]) -> Augmentation:
 class PatchBatches(torch.utils.data.Dataset):
     """Batch number ``step`` of training: ``2 * cases_per_step`` augmented patches.
 
-    Items are dicts with ``phases`` (B, T, *patch) float32, ``times_s`` (B, T) and
-    ``lesion`` (B, 1, *patch) bool, the lesion mask of each patch. T is the phase count
+    Items are dicts with ``phases`` (B, T, *patch) float32, ``context`` (B, C, *patch)
+    float32, ``times_s`` (B, T) and ``lesion`` (B, 1, *patch) bool, the lesion mask of
+    each patch. T is the phase count
     of the step's cases (see the module docstring for mixed protocols).
     """
 
@@ -170,7 +183,7 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
-        patches, times, lesions = [], [], []
+        patches, contexts, times, lesions = [], [], [], []
         group = self.groups[0]
         if len(self.groups) > 1:
             group = self.groups[rng.choice(len(self.groups), p=self.group_shares)]
@@ -183,48 +196,19 @@ class PatchBatches(torch.utils.data.Dataset):
                     centre = centre + rng.integers(-self.max_offset, self.max_offset + 1)
                 start = crop_start(centre, self.patch, case.phases.shape[1:])
                 sample = crop(case.phases, start, self.patch)
+                context = crop(case.context, start, self.patch)
                 lesion = crop(case.lesion_mask, start, self.patch)
                 if self.transform is not None:
-                    sample, lesion = self.transform(sample, lesion, int(rng.integers(2**31 - 1)))
+                    sample, context, lesion = self.transform(
+                        sample, context, lesion, int(rng.integers(2**31 - 1))
+                    )
                 patches.append(torch.as_tensor(np.ascontiguousarray(sample), dtype=torch.float32))
+                contexts.append(torch.as_tensor(np.ascontiguousarray(context), dtype=torch.float32))
                 lesions.append(torch.as_tensor(np.ascontiguousarray(lesion)))
                 times.append(torch.as_tensor(case.times_s))
         return {
             "phases": torch.stack(patches),
+            "context": torch.stack(contexts),
             "times_s": torch.stack(times),
             "lesion": torch.stack(lesions)[:, None],
         }
-
-
-def validation_patches(
-    cases: list[PreparedCase], patch: Sequence[int]
-) -> list[dict[str, torch.Tensor]]:
-    """One patch per case, centred on the lesion voxel nearest its lesions' centroid.
-
-    Snapping to a voxel keeps the centre inside a lesion when a case has several (their
-    centroid may lie between them). Cases without lesions use the ROI the same way.
-
-    Returns:
-        One batch per phase count T (fewest phases first), each with ``phases``
-        (N, T, *patch), ``times_s`` (N, T) and ``lesion`` (N, 1, *patch) bool.
-    """
-    return [
-        _centred_patches([cases[i] for i in group], patch)
-        for group in protocol_groups(cases).values()
-    ]
-
-
-def _centred_patches(cases: list[PreparedCase], patch: Sequence[int]) -> dict[str, torch.Tensor]:
-    phases, times, lesions = [], [], []
-    for case in cases:
-        pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels
-        centre = pool[np.argmin(((pool - pool.mean(axis=0)) ** 2).sum(axis=1))]
-        start = crop_start(centre, patch, case.phases.shape[1:])
-        phases.append(torch.from_numpy(np.ascontiguousarray(crop(case.phases, start, patch))))
-        lesions.append(torch.from_numpy(np.ascontiguousarray(crop(case.lesion_mask, start, patch))))
-        times.append(torch.as_tensor(case.times_s))
-    return {
-        "phases": torch.stack(phases),
-        "times_s": torch.stack(times),
-        "lesion": torch.stack(lesions)[:, None],
-    }

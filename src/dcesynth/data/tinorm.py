@@ -5,6 +5,11 @@ of the first post-contrast phase. We take them inside the breast ROI: outside it
 the volume is mostly air and chest wall, whose share changes with the field of
 view and would make the scale depend on how the scan was cropped, not on the
 breast. The same statistics map predictions back to signal units.
+
+TI-norm keeps no trace of a voxel's signal relative to its own pre-contrast value, the
+relative enhancement ``(S1 - S0) / S0`` that the signal equations tie to the contrast
+agent's concentration: ``relative_enhancement`` gives it, as an input beside the
+normalised phases.
 """
 
 from __future__ import annotations
@@ -47,6 +52,23 @@ class TINorm:
         return (np.asarray(normalised, dtype=np.float32) * self.std + self.mean).astype(np.float32)
 
 
+RELATIVE_ENHANCEMENT_RANGE = (-1.0, 6.0)
+"""Clip of ``(S1 - S0) / S0``: dark pre-contrast voxels would otherwise give huge ratios."""
+
+
+def relative_enhancement(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+    """``(post - pre) / pre`` of two signal images of one shape, clipped, float32.
+
+    Voxels whose pre-contrast signal is below 1e-3 of the post-contrast maximum (air)
+    are divided by that floor instead.
+    """
+    pre = np.asarray(pre, dtype=np.float32)
+    post = np.asarray(post, dtype=np.float32)
+    floor = 1e-3 * max(float(np.abs(post).max()), 1e-12)
+    ratio = (post - pre) / np.maximum(pre, floor)
+    return np.clip(ratio, *RELATIVE_ENHANCEMENT_RANGE).astype(np.float32)
+
+
 REFERENCE_PHASE = 1
 """Index of the TI-norm reference phase: the first post-contrast phase."""
 
@@ -54,3 +76,14 @@ REFERENCE_PHASE = 1
 def fit_case_norm(phases: np.ndarray, roi: np.ndarray, where: str = "case") -> TINorm:
     """TI-norm of a case from its first post-contrast phase; phases (T, X, Y, Z)."""
     return TINorm.fit(phases[REFERENCE_PHASE], roi, where=where)
+
+
+def context_channels(phases: np.ndarray, relative: bool) -> np.ndarray:
+    """``(C, X, Y, Z)`` inputs besides the normalised phases, from signal phases (T, X, Y, Z).
+
+    C is 1 with ``relative`` (the relative enhancement of the first post-contrast phase
+    over pre), else 0.
+    """
+    if not relative:
+        return np.zeros((0, *phases.shape[1:]), dtype=np.float32)
+    return relative_enhancement(phases[0], phases[REFERENCE_PHASE])[None]

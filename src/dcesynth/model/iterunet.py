@@ -212,7 +212,7 @@ class BaselineUNet(PhaseModel):
 
 
 def build_model(
-    name: str, features: Sequence[int], temporal: bool, n_targets: int
+    name: str, features: Sequence[int], temporal: bool, n_targets: int, pre_channels: int = 1
 ) -> IterUNet | BaselineUNet:
     """Build a model by name.
 
@@ -222,14 +222,16 @@ def build_model(
         temporal: iterU-Net time embedding and ConvLSTM on/off; the baseline has neither.
         n_targets: number of target phases; sets the baseline's U-Net count (iterU-Net
             predicts any number).
+        pre_channels: channels of the `pre` argument: the pre-contrast image and any
+            fixed inputs beside it.
 
     Returns:
         The model, with default activation and normalisation.
     """
     if name == "iterunet":
-        return IterUNet(features=features, temporal=temporal)
+        return IterUNet(pre_channels + 1, features=features, temporal=temporal)
     if name == "baseline":
-        return BaselineUNet(n_targets, features=features)
+        return BaselineUNet(n_targets, pre_channels + 1, features=features)
     raise ValueError(f"model name: expected one of {', '.join(MODEL_NAMES)}, got {name!r}")
 
 

@@ -41,7 +41,6 @@ from dcesynth.data.sampling import (
     PreparedCase,
     prepare_case,
     protocol_groups,
-    validation_patches,
 )
 from dcesynth.io import InputError
 from dcesynth.model import build_model
@@ -159,8 +158,7 @@ class Trainer:
         model: the model, on ``device``.
         loss: the training loss, on ``device``.
         batches: the training batches by step.
-        val_batches: the fixed validation patches, one batch per protocol length
-            (``validation_patches``).
+        val_cases: the validation cases, predicted whole at each validation.
         rank: this process's rank (only rank 0 writes files).
         net: what a step calls: ``model`` or its DistributedDataParallel wrapper.
         owns_process_group: whether ``close`` leaves the process group.
@@ -174,14 +172,14 @@ class Trainer:
         model: torch.nn.Module,
         loss: CombinedLoss,
         batches: PatchBatches,
-        val_batches: list[dict[str, torch.Tensor]],
+        val_cases: list[PreparedCase],
         rank: int = 0,
         net: torch.nn.Module | None = None,
         owns_process_group: bool = False,
     ):
         self.run, self.config, self.device = run, config, device
         self.model, self.net = model, model if net is None else net
-        self.loss, self.batches, self.val_batches = loss, batches, val_batches
+        self.loss, self.batches, self.val_cases = loss, batches, val_cases
         self.rank, self.owns_process_group = rank, owns_process_group
         self.amp = use_bf16(device, config.train.amp)
         self.stages = stages(config)
@@ -240,11 +238,12 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor], stage: Stage) -> dict[str, float]:
         """One optimiser step on a batch of patches: phases `(B, T, X, Y, Z)`, pre first."""
         phases = batch["phases"].to(self.device, non_blocking=True)
+        context = batch["context"].to(self.device, non_blocking=True)
         times_s = batch["times_s"].to(self.device)
         targets = phases[:, 2:]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.net(
-                phases[:, :1],
+                torch.cat([phases[:, :1], context], dim=1),
                 phases[:, 1:2],
                 times_s[:, 1:],
                 teacher=targets if stage.teacher_forcing else None,
@@ -321,7 +320,7 @@ class Trainer:
             save_weights(self.run.warmup_weights, self.model)
 
     def validate_and_save(self, stage: Stage, terms: dict[str, float]) -> dict[str, float]:
-        metrics = validate(self.model, self.val_batches, self.device, self.amp)
+        metrics = validate(self.model, self.val_cases, self.config.train.patch, self.amp)
         record = {"step": self.step, "stage": stage.name, **terms, **metrics}
         if self.rank == 0:
             self.run.append_log(record)
@@ -356,11 +355,12 @@ def resolve_config(run: RunDir, config: RunConfig, resume: bool) -> RunConfig:
 
 
 def load_training_cases(
-    data_dir: Path, train: TrainConfig
+    data_dir: Path, train: TrainConfig, relative_enhancement: bool = False
 ) -> tuple[list[PreparedCase], list[PreparedCase]]:
     """The training and validation cases of ``data_dir``, split by ``train``'s seed.
 
-    The cases may mix protocols (phase counts and times).
+    The cases may mix protocols (phase counts and times). ``relative_enhancement`` adds
+    that context channel (``ModelConfig.relative_enhancement``).
 
     Raises:
         InputError: fewer than 2 cases, a bad case, or a case of fewer than 3 phases.
@@ -369,8 +369,10 @@ def load_training_cases(
     if len(case_dirs) < 2:
         raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
     train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
-    train_cases = [prepare_case(load_case(d), train.patch) for d in train_dirs]
-    val_cases = [prepare_case(load_case(d), train.patch) for d in val_dirs]
+    train_cases, val_cases = (
+        [prepare_case(load_case(d), train.patch, relative_enhancement) for d in dirs]
+        for dirs in (train_dirs, val_dirs)
+    )
     for case in train_cases + val_cases:
         if case.phases.shape[0] < 3:
             raise InputError(
@@ -456,7 +458,7 @@ def build_trainer(
     device, owns_process_group = prepare_process(world)
     config = resolve_config(run, config, resume)
     train = config.train
-    train_cases, val_cases = load_training_cases(data_dir, train)
+    train_cases, val_cases = load_training_cases(data_dir, train, config.model.relative_enhancement)
     phase_counts = list(protocol_groups(train_cases + val_cases))
     check_model_fits_cohort(config.model.name, phase_counts, data_dir)
     n_phases = phase_counts[-1]
@@ -471,11 +473,14 @@ def build_trainer(
         rank,
         lesion_offset=train.lesion_offset,
     )
-    val_batches = validation_patches(val_cases, train.patch)
     # The model's initial weights depend on the seed alone: it is built right after seeding.
     torch.manual_seed(train.seed)
     model = build_model(
-        config.model.name, config.model.features, config.model.temporal, n_phases - 2
+        config.model.name,
+        config.model.features,
+        config.model.temporal,
+        n_phases - 2,
+        config.model.pre_channels,
     ).to(device)
     accelerate(model, device)
     net = distributed(model, device, world)
@@ -487,7 +492,7 @@ def build_trainer(
         model,
         loss,
         batches,
-        val_batches,
+        val_cases,
         rank=rank,
         net=net,
         owns_process_group=owns_process_group,

@@ -1,39 +1,49 @@
-"""Validation during training: free-running rollout on fixed lesion-centred patches.
+"""Validation during training: free-running rollout over each validation case's ROI.
 
 The kinetic figure that matters is the lesion enhancement error: the squared
 error of the lesion-mean intensity (TI-normalised units) between real and
 synthesized phases. It is reported next to the error of copying the first
 post-contrast phase forward, the trivial answer a model must beat.
+
+Each validation case is predicted as ``predict`` predicts it, by sliding windows over
+its breast ROI (``dcesynth.infer.predict_volume``), not on one lesion-centred patch:
+on 60 validation cases, the checkpoint with the lowest error on such patches scored
+1.05x copy-forward's error on 125 test lesions, where the one chosen by whole-volume
+validation scored 0.74x (docs/method.md, "Training").
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from dcesynth.data.sampling import PreparedCase
+from dcesynth.infer import predict_volume
 from dcesynth.metrics import spearman
 
 
-def lesion_means(phases: torch.Tensor, lesion: torch.Tensor) -> np.ndarray:
-    """`(N, T, X, Y, Z)` phases and `(N, 1, X, Y, Z)` bool masks -> `(N, T)` lesion-mean
-    intensities (float64)."""
-    weight = lesion.to(phases.dtype)
-    voxels = weight.sum(dim=(2, 3, 4)).clamp(min=1)
-    return ((phases * weight).sum(dim=(2, 3, 4)) / voxels).double().cpu().numpy()
+def lesion_means(phases: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """``(T, X, Y, Z)`` phases and an ``(X, Y, Z)`` bool mask -> ``(T,)`` lesion-mean
+    intensities (float64); the mean over the whole volume without a lesion voxel."""
+    if not lesion.any():
+        return phases.reshape(phases.shape[0], -1).mean(axis=1, dtype=np.float64)
+    return phases[:, lesion].mean(axis=1, dtype=np.float64)
 
 
 @torch.no_grad()
 def validate(
     model: torch.nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    device: torch.device,
+    cases: Sequence[PreparedCase],
+    patch: Sequence[int],
     amp: bool,
-    chunk: int = 2,
+    overlap: float = 0.5,
 ) -> dict[str, float]:
-    """Kinetic validation metrics of ``model`` on ``batches`` (see validation_patches).
+    """Kinetic validation metrics of ``model`` (on its device) on whole prepared cases.
 
-    Each case is scored on its own protocol; a phase's error averages the cases that have
-    that phase, and "last" is each case's own last phase.
+    Each case rolls out from pre and 1dyn over its own protocol; a phase's error averages
+    the cases that have that phase, and "last" is each case's own last phase.
 
     Returns:
         ``val_enh_error_{k}dyn`` per predicted phase, ``val_enh_error_last``,
@@ -43,17 +53,15 @@ def validate(
     was_training = model.training
     model.eval()
     real_curves, synth_curves = [], []
-    for batch in batches:
-        phases, times, lesion = batch["phases"], batch["times_s"], batch["lesion"]
-        for start in range(0, phases.shape[0], chunk):
-            part = phases[start : start + chunk].to(device)
-            part_times = times[start : start + chunk].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                preds = model(part[:, :1], part[:, 1:2], part_times[:, 1:])
-            mask = lesion[start : start + chunk].to(device)
-            real_curves.extend(lesion_means(part, mask))
-            synth = torch.cat([part[:, :2], preds.float()], dim=1)
-            synth_curves.extend(lesion_means(synth, mask))
+    for case in cases:
+        roi = np.zeros(case.lesion_mask.shape, dtype=bool)
+        roi[tuple(case.roi_voxels.T)] = True
+        predicted = predict_volume(
+            model, case.phases[:2], case.context, roi, case.times_s[1:], patch, overlap, amp
+        )
+        synth = np.concatenate([case.phases[:2], predicted.phases.numpy()])
+        real_curves.append(lesion_means(case.phases, case.lesion_mask))
+        synth_curves.append(lesion_means(synth, case.lesion_mask))
     model.train(was_training)
     errors = [(real - synth) ** 2 for real, synth in zip(real_curves, synth_curves, strict=True)]
     metrics = {
