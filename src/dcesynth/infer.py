@@ -173,8 +173,9 @@ class WindowPredictor:
 
 @dataclass
 class VolumePrediction:
-    """``predict_volume``'s result: ``phases`` (K, X, Y, Z) in normalised units, the
-    windows run and skipped, and the voxel range per axis they tiled."""
+    """``predict_volume``'s result: ``phases`` (K, *region size) in normalised units, the
+    predictions inside ``region``, the ``(start, stop)`` voxel range per axis that the
+    windows tiled; and the windows run and skipped."""
 
     phases: torch.Tensor
     windows_run: int
@@ -209,8 +210,8 @@ def predict_volume(
         on_windows: progress callback, called with the number of windows done.
 
     Returns:
-        The K = ``len(times_s) - T_obs + 1`` predicted phases; outside the tiled region,
-        the last observed phase.
+        The K = ``len(times_s) - T_obs + 1`` predicted phases inside the tiled region
+        (outside it, a caller keeps the last observed phase).
     """
     device = next(model.parameters()).device
     n_targets = len(times_s) - observed.shape[0] + 1
@@ -233,9 +234,7 @@ def predict_volume(
     output = sliding_window_inference(
         volume, patch, batch, predictor, overlap=overlap, mode="gaussian"
     )
-    phases = torch.from_numpy(observed[-1:]).repeat(n_targets, 1, 1, 1)
-    phases[(all_, *box)] = output[0].cpu()
-    return VolumePrediction(phases, predictor.calls, predictor.skipped, region)
+    return VolumePrediction(output[0].cpu(), predictor.calls, predictor.skipped, region)
 
 
 def predict_case(
@@ -289,11 +288,10 @@ def predict_case(
         window_batch,
         on_windows,
     )
+    phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
+    box = tuple(slice(start, stop) for start, stop in volume.region)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite output is refused below
-        phases = norm.inverse(volume.phases.numpy())
-    outside = np.ones(case.shape, dtype=bool)
-    outside[tuple(slice(start, stop) for start, stop in volume.region)] = False
-    phases[:, outside] = case.phases[first - 1][outside]
+        phases[(slice(None), *box)] = norm.inverse(volume.phases.numpy())
     prediction = Prediction(
         phases=phases,
         names=phase_names(first + len(targets))[first:],

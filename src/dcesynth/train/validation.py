@@ -59,7 +59,11 @@ def validate(
         predicted = predict_volume(
             model, case.phases[:2], case.context, roi, case.times_s[1:], patch, overlap, amp
         )
-        synth = np.concatenate([case.phases[:2], predicted.phases.numpy()])
+        synth = np.concatenate(
+            [case.phases[:2], np.repeat(case.phases[1:2], len(predicted.phases), 0)]
+        )
+        box = tuple(slice(start, stop) for start, stop in predicted.region)
+        synth[(slice(2, None), *box)] = predicted.phases.numpy()
         real_curves.append(lesion_means(case.phases, case.lesion_mask))
         synth_curves.append(lesion_means(synth, case.lesion_mask))
     model.train(was_training)
