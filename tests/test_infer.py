@@ -11,14 +11,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dcesynth.accel import windows_per_call
 from dcesynth.case import Case, load_case, save_case
 from dcesynth.cli import app
 from dcesynth.config import ModelConfig, RunConfig, TrainConfig
 from dcesynth.infer import (
+    WindowPredictor,
     count_region_windows,
     count_windows,
     load_run,
+    mirror_flips,
     predict_case,
+    predict_volume,
     roi_region,
     write_prediction,
 )
@@ -158,6 +162,77 @@ def test_windows_of_the_roi_box_without_roi_are_not_run(tmp_path):
     assert prediction.region == ((0, 64), (0, 16), (0, 32))
     assert (prediction.windows_run, prediction.windows_skipped) == (2, 5)
     np.testing.assert_array_equal(prediction.phases[:, 24:40], case.phases[1:2, 24:40].repeat(4, 0))
+
+
+def _normalised_volume(case: Case) -> dict:
+    """``predict_volume``'s inputs for ``case`` (pre, 1dyn), z-scored crudely."""
+    observed = (case.phases[:2] - 100.0) / 10.0
+    context = np.zeros((0, *case.shape), dtype=np.float32)
+    return {"observed": observed, "context": context, "times_s": TIMES[1:], "patch": PATCH}
+
+
+def test_windows_without_a_needed_voxel_are_not_run_and_needed_voxels_keep_their_value(
+    tmp_path,
+):
+    shape = (64, 16, 32)
+    case = make_case(shape, roi_box=(slice(0, 64), slice(0, 16), slice(0, 32)))
+    lesion = case.seg > 0  # x 6:10: the windows starting at x = 0 and x = 8
+    model = load_run(make_run(tmp_path), torch.device("cpu")).model
+    inputs = _normalised_volume(case)
+    whole = predict_volume(model, roi=case.roi, **inputs)
+    only_lesion = predict_volume(model, roi=case.roi, needed=lesion, **inputs)
+    assert whole.region == only_lesion.region == ((0, 64), (0, 16), (0, 32))
+    assert (whole.windows_run, whole.windows_skipped) == (7, 0)
+    assert (only_lesion.windows_run, only_lesion.windows_skipped) == (2, 5)
+    np.testing.assert_allclose(
+        only_lesion.phases[:, lesion].numpy(), whole.phases[:, lesion].numpy(), rtol=1e-5
+    )
+    far = only_lesion.phases[:, 40:].numpy()  # no window over x >= 24 ran: 1dyn stands in
+    np.testing.assert_allclose(
+        far, np.broadcast_to(inputs["observed"][1, 40:], far.shape), atol=1e-6
+    )
+
+
+def test_windows_per_call_batches_small_cpu_windows_with_the_same_result(tmp_path):
+    cpu = torch.device("cpu")
+    assert windows_per_call(cpu, (32, 32, 16)) == 4
+    assert windows_per_call(cpu, (96, 96, 48)) == 1
+    assert windows_per_call(torch.device("cuda"), (96, 96, 48)) == 8
+    shape = (64, 16, 32)
+    case = make_case(shape, roi_box=(slice(0, 64), slice(0, 16), slice(0, 32)))
+    model = load_run(make_run(tmp_path), cpu).model
+    inputs = _normalised_volume(case)
+    one = predict_volume(model, roi=case.roi, window_batch=1, **inputs)
+    batched = predict_volume(model, roi=case.roi, window_batch=4, **inputs)
+    assert one.windows_run == batched.windows_run == 7
+    # One window alone runs PyTorch's native convolution, a batch oneDNN's: rounding differs.
+    scale = float(one.phases.abs().max())
+    np.testing.assert_allclose(batched.phases.numpy(), one.phases.numpy(), atol=1e-5 * scale)
+
+
+def test_mirror_flips_are_every_combination_of_the_axes():
+    assert mirror_flips(()) == [()]
+    assert mirror_flips((2, 0)) == [(), (2,), (4,), (2, 4)]
+    assert len(set(mirror_flips((0, 1, 2)))) == 8
+    with pytest.raises(ValueError, match="spatial axes"):
+        mirror_flips((3,))
+
+
+def test_mirrored_prediction_is_the_flip_average_and_flip_equivariant(tmp_path):
+    model = load_run(make_run(tmp_path), torch.device("cpu")).model
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn((2, 2, *PATCH), generator=generator)
+    windows = torch.cat([images, torch.ones((2, 1, *PATCH))], dim=1)  # pre, 1dyn, needed
+    times_s = torch.tensor(TIMES[1:])
+    plain = WindowPredictor(model, 0, times_s, 4, amp=False)
+    mirrored = WindowPredictor(model, 0, times_s, 4, amp=False, mirror_axes=(0, 2))
+    by_hand = sum(plain(windows.flip(dims)).flip(dims) for dims in [(), (2,), (4,), (2, 4)]) / 4
+    prediction = mirrored(windows)
+    torch.testing.assert_close(prediction, by_hand, rtol=1e-5, atol=1e-5)
+    assert (prediction - plain(windows)).abs().max() > 1e-3  # the model is not symmetric
+    # Averaging over a group of flips commutes with each of its flips.
+    torch.testing.assert_close(mirrored(windows.flip(2)), prediction.flip(2), rtol=1e-5, atol=1e-5)
+    assert mirrored.calls == 4  # windows run, whatever the number of mirrored passes
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from dcesynth.accel import accelerate, use_bf16
+from dcesynth.accel import accelerate, use_bf16, windows_per_call
 from dcesynth.case import Case, phase_names, validate_times
 from dcesynth.config import RunConfig
 from dcesynth.data.tinorm import context_channels, fit_case_norm
@@ -125,15 +125,30 @@ def target_times(case: Case, n_inputs: int, times_s: Sequence[float] | None) -> 
     return list(protocol[n_inputs:])
 
 
+def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of flips over ``mirror_axes`` (spatial axes 0-2), as the tensor
+    dims of a ``(B, C, x, y, z)`` window, the identity first: 2 ** len(mirror_axes) of them."""
+    axes = sorted(set(mirror_axes))
+    if any(axis not in (0, 1, 2) for axis in axes):
+        raise ValueError(f"mirror axes must be spatial axes 0, 1, 2; got {tuple(mirror_axes)}")
+    return [
+        tuple(2 + axis for bit, axis in enumerate(axes) if subset >> bit & 1)
+        for subset in range(2 ** len(axes))
+    ]
+
+
 class WindowPredictor:
     """The function sliding_window_inference calls on a batch of windows.
 
     A window is ``(W, 1 + n_observed + C + 1, x, y, z)``: pre, the observed phases, the
-    model's C context channels (``context_channels``), and the ROI mask as the last
-    channel. Returns ``(W, n_targets, x, y, z)``, the model's predictions at ``times_s``
-    (observed then target times). Windows without ROI voxels
-    are not run (the last observed phase stands in); ``calls`` counts the windows the model
-    did run.
+    model's C context channels (``context_channels``), and as the last channel the mask
+    of voxels whose prediction is needed (the breast ROI for ``predict``). Returns
+    ``(W, n_targets, x, y, z)``, the model's predictions at ``times_s`` (observed then
+    target times). Windows without a needed voxel are not run (the last observed phase
+    stands in); ``calls`` counts the windows the model did run. With ``mirror_axes`` the
+    model also runs on each window mirrored over every combination of those axes, and the
+    predictions, mirrored back, are averaged (test-time mirroring, as nnU-Net predicts);
+    training flips every axis, so each mirrored window is one the model learnt from.
     """
 
     def __init__(
@@ -144,31 +159,41 @@ class WindowPredictor:
         n_targets: int,
         amp: bool,
         on_windows: Callable[[int], None] | None = None,
+        mirror_axes: Sequence[int] = (),
     ):
         self.model, self.n_context, self.amp, self.on_windows = model, n_context, amp, on_windows
         self.times_s = times_s
         self.n_targets = n_targets
+        self.flips = mirror_flips(mirror_axes)
         self.calls = 0
         self.skipped = 0
 
     @torch.no_grad()
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         n_images = windows.shape[1] - 1 - self.n_context
-        images, context, roi = windows[:, :n_images], windows[:, n_images:-1], windows[:, -1]
+        images, context, needed = windows[:, :n_images], windows[:, n_images:-1], windows[:, -1]
         out = images[:, -1:].expand(-1, self.n_targets, *images.shape[2:]).clone()
-        active = roi.flatten(1).amax(dim=1) > 0.5
+        active = needed.flatten(1).amax(dim=1) > 0.5
         if active.any():
-            batch = images[active]
-            pre = torch.cat([batch[:, :1], context[active]], dim=1)
-            times_s = self.times_s.expand(batch.shape[0], -1)
-            with torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                preds = self.model(pre, batch[:, 1:], times_s)
-            out[active] = preds.float()
+            out[active] = self._predict(images[active], context[active])
         self.calls += int(active.sum())
         self.skipped += int((~active).sum())
         if self.on_windows:
             self.on_windows(windows.shape[0])
         return out
+
+    def _predict(self, images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The rollout of windows ``images`` (W, 1 + n_observed, ...), averaged over flips."""
+        pre = torch.cat([images[:, :1], context], dim=1)
+        times_s = self.times_s.expand(images.shape[0], -1)
+        total = None
+        for dims in self.flips:
+            flip = (lambda x, dims=dims: x.flip(dims)) if dims else (lambda x: x)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                preds = self.model(flip(pre), flip(images[:, 1:]), times_s)
+            preds = flip(preds.float())
+            total = preds if total is None else total + preds
+        return total / len(self.flips)
 
 
 @dataclass
@@ -195,6 +220,8 @@ def predict_volume(
     amp: bool = False,
     window_batch: int | None = None,
     on_windows: Callable[[int], None] | None = None,
+    needed: np.ndarray | None = None,
+    mirror_axes: Sequence[int] = (),
 ) -> VolumePrediction:
     """The model's rollout over a whole normalised volume, by sliding windows over its ROI.
 
@@ -206,8 +233,14 @@ def predict_volume(
         times_s: the observed post-contrast then the target times, seconds.
         patch, overlap: window size and overlap.
         amp: bf16 autocast.
-        window_batch: windows per model call (default 1 on CPU, 8 on CUDA).
+        window_batch: windows per model call (default: ``dcesynth.accel.windows_per_call``).
         on_windows: progress callback, called with the number of windows done.
+        needed: ``(X, Y, Z)`` mask of the voxels whose prediction the caller uses (default:
+            the ROI). Windows without one are not run. Every window that covers a needed
+            voxel still runs, so the blended prediction there is the same as with the
+            default; elsewhere inside the ROI it may be the last observed phase.
+        mirror_axes: spatial axes to mirror each window over (``WindowPredictor``); each
+            one doubles the model's work.
 
     Returns:
         The K = ``len(times_s) - T_obs + 1`` predicted phases inside the tiled region
@@ -218,8 +251,9 @@ def predict_volume(
     region = roi_region(roi, patch, overlap)
     box = tuple(slice(start, stop) for start, stop in region)
     all_ = slice(None)
+    needed = roi if needed is None else needed
     stack = np.concatenate(
-        [observed[(all_, *box)], context[(all_, *box)], np.asarray(roi)[box][None] > 0]
+        [observed[(all_, *box)], context[(all_, *box)], np.asarray(needed)[box][None] > 0]
     ).astype(np.float32)
     predictor = WindowPredictor(
         model,
@@ -228,8 +262,9 @@ def predict_volume(
         n_targets,
         amp,
         on_windows,
+        mirror_axes,
     )
-    batch = window_batch or (8 if device.type == "cuda" else 1)
+    batch = window_batch or windows_per_call(device, patch)
     volume = torch.from_numpy(stack)[None].to(device)
     output = sliding_window_inference(
         volume, patch, batch, predictor, overlap=overlap, mode="gaussian"
@@ -246,6 +281,7 @@ def predict_case(
     amp: bool | None = None,
     window_batch: int | None = None,
     on_windows: Callable[[int], None] | None = None,
+    mirror_axes: Sequence[int] = (),
 ) -> Prediction:
     """Synthesize the phases after ``inputs`` for a whole case.
 
@@ -256,8 +292,10 @@ def predict_case(
         times_s: whole-protocol times (pre first) when the targets are not in meta.json.
         overlap: sliding-window overlap.
         amp: bf16 autocast (default: the run's setting).
-        window_batch: windows per model call (default 1 on CPU, 8 on CUDA).
+        window_batch: windows per model call (default: ``dcesynth.accel.windows_per_call``).
         on_windows: progress callback, called with the number of windows done.
+        mirror_axes: spatial axes of test-time mirroring (``WindowPredictor``); none by
+            default. The regression model ignores them.
 
     Returns:
         The predicted phases with their names and times, and window counts.
@@ -287,6 +325,7 @@ def predict_case(
         use_bf16(run.device, run.config.train.amp if amp is None else amp),
         window_batch,
         on_windows,
+        mirror_axes=mirror_axes,
     )
     phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
     box = tuple(slice(start, stop) for start, stop in volume.region)

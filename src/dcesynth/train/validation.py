@@ -9,7 +9,9 @@ Each validation case is predicted as ``predict`` predicts it, by sliding windows
 its breast ROI (``dcesynth.infer.predict_volume``), not on one lesion-centred patch:
 on 60 validation cases, the checkpoint with the lowest error on such patches scored
 1.05x copy-forward's error on 125 test lesions, where the one chosen by whole-volume
-validation scored 0.74x (docs/method.md, "Training").
+validation scored 0.74x (docs/method.md, "Training"). Only the lesion voxels are scored, so
+only the windows that cover one run: every window over a lesion voxel still runs, so its
+blended prediction is the one ``predict`` makes.
 """
 
 from __future__ import annotations
@@ -57,7 +59,15 @@ def validate(
         roi = np.zeros(case.lesion_mask.shape, dtype=bool)
         roi[tuple(case.roi_voxels.T)] = True
         predicted = predict_volume(
-            model, case.phases[:2], case.context, roi, case.times_s[1:], patch, overlap, amp
+            model,
+            case.phases[:2],
+            case.context,
+            roi,
+            case.times_s[1:],
+            patch,
+            overlap,
+            amp,
+            needed=case.lesion_mask if case.lesion_mask.any() else None,
         )
         synth = np.concatenate(
             [case.phases[:2], np.repeat(case.phases[1:2], len(predicted.phases), 0)]
