@@ -295,6 +295,22 @@ def test_bad_inputs_are_rejected(tmp_path, case_dir):
         predict_case(run, case, inputs="1dyn,2dyn")
 
 
+def test_predict_cli_mirror_writes_the_mirrored_prediction(tmp_path, case_dir):
+    run_dir = make_run(tmp_path)
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(
+        app, ["predict", str(run_dir), str(case_dir), "--out", str(out), "--mirror"]
+    )
+    assert result.exit_code == 0, result.output
+    run, case = load_run(run_dir, torch.device("cpu")), load_case(case_dir)
+    mirrored = predict_case(run, case, mirror_axes=(0, 1, 2))
+    plain = predict_case(run, case)
+    written = nib.load(out / "case_a" / "5dyn.nii.gz").get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(written, mirrored.phases[-1], rtol=1e-5)
+    roi = case.roi > 0
+    assert np.abs(mirrored.phases[-1][roi] - plain.phases[-1][roi]).max() > 1e-3
+
+
 def test_predict_cli_errors_are_one_line(tmp_path, case_dir):
     runner = CliRunner()
     result = runner.invoke(

@@ -309,6 +309,10 @@ def predict(
     ] = None,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
+    mirror: Annotated[
+        bool,
+        typer.Option(help="Average the predictions of each window mirrored over all axes (8x)."),
+    ] = False,
 ) -> None:
     """Synthesize the delayed phases of whole cases, plus a kinetic colour map."""
     from dcesynth import pipeline
@@ -320,6 +324,7 @@ def predict(
         inputs=inputs,
         overlap=overlap,
         amp=amp,
+        mirror=mirror,
         times_s=times_option(times),
         reporter=REPORTER,
     )

@@ -181,6 +181,7 @@ def predict(
     times_s: list[float] | None = None,
     overlap: float = 0.5,
     amp: bool | None = None,
+    mirror: bool = False,
     reporter: Reporter = SILENT,
 ) -> CaseCount:
     """Predict the phases after ``inputs`` of each case into ``out_dir``, with its manifest.
@@ -197,6 +198,8 @@ def predict(
         times_s: the whole protocol's times, when the cases' meta.json lack the targets.
         overlap: sliding-window overlap, in [0, 1).
         amp: bf16 autocast (default: the run's setting).
+        mirror: test-time mirroring over all three axes (``infer.WindowPredictor``): the
+            prediction averages 8 mirrored passes of each window, 8 times the model's work.
         reporter: told of progress, skipped cases and the result.
 
     Raises:
@@ -236,6 +239,7 @@ def predict(
                     overlap=overlap,
                     amp=amp,
                     on_windows=progress.advance,
+                    mirror_axes=(0, 1, 2) if mirror else (),
                 )
             except InputError as exc:
                 reporter.case_skipped(exc)
