@@ -2,9 +2,9 @@
 
 `accelerate(module, device)` prepares a model (or a loss) for the device it runs on;
 `tune_process(device)` sets process-wide options once; `use_bf16` chooses the precision;
-`make_adamw` the optimiser's kernel; `windows_per_call` how many sliding windows one model call
-takes. Outputs and gradients are those of the plain modules
-(fp32, to float rounding: `tests/test_accel.py`).
+`make_adamw` the optimiser's kernel; `windows_per_call` how many sliding windows one model
+call takes. Outputs and gradients are those of the plain modules (fp32, to float rounding:
+`tests/test_accel.py`).
 """
 
 from __future__ import annotations
