@@ -39,6 +39,7 @@ from pathlib import Path
 
 from dcesynth import pipeline
 from dcesynth.comparison import REFERENCE_MODEL, VERDICT_METRIC
+from dcesynth.io import atomic_write_json
 from dcesynth.phantom import cases_for_lesions, cohort_exists
 from dcesynth.phantom_config import PHANTOMS, PhantomConfig
 from dcesynth.rundir import RunDir
@@ -150,7 +151,7 @@ def run_shifts(
         if not metrics_file.is_file():
             pipeline.evaluate(data, {model: predictions}, report)
         rows[name] = summarise(json.loads(metrics_file.read_text()), model)
-    (out / "shift.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(out / "shift.json", rows)
     return rows
 
 
