@@ -86,6 +86,17 @@ def test_first_patch_of_each_case_is_centred_in_a_lesion_second_in_the_roi():
             assert mask[tuple(centre)], (step, index, centre)
 
 
+def test_without_the_roi_patch_every_patch_is_centred_in_a_lesion():
+    case = coordinate_case([((20, 24), (20, 24), (14, 18))])
+    batches = PatchBatches([case], PATCH, 3, 10, seed=0, augment=False, roi_patch=False)
+    for step in range(10):
+        batch = batches[step]
+        assert batch["phases"].shape[0] == batch["lesion"].shape[0] == 3
+        centres = batch["phases"][:, :, CENTRE[0], CENTRE[1], CENTRE[2]].long()
+        for centre in centres.tolist():
+            assert case.lesion_mask[tuple(centre)], (step, centre)
+
+
 def test_lesion_offset_moves_the_lesion_patch_centre_within_the_bound():
     case = coordinate_case([((22, 23), (22, 23), (16, 17))])  # a one-voxel lesion
     batches = PatchBatches([case], PATCH, 1, 40, seed=0, augment=False, lesion_offset=0.5)

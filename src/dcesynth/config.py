@@ -53,7 +53,9 @@ class TrainConfig:
     Attributes:
         patch: crop size (X, Y, Z), each divisible by 16.
         cases_per_step: cases per optimiser step; each gives 2 patches (one centred
-            in a lesion, one anywhere in the breast ROI), so the batch is twice this.
+            in a lesion, one anywhere in the breast ROI), so the batch is twice this;
+            without ``roi_patch``, the lesion patch alone.
+        roi_patch: each case also gives the patch anywhere in the ROI (the paper's).
         warmup_steps: stage 1, teacher forcing (real phase k in, k+1 out).
         optim_steps: stage 2, free-running rollout from the warm-up weights.
         lr, weight_decay: AdamW.
@@ -77,6 +79,7 @@ class TrainConfig:
 
     patch: tuple[int, int, int] = (96, 96, 48)
     cases_per_step: int = 1
+    roi_patch: bool = True
     warmup_steps: int = 3200
     optim_steps: int = 3200
     lr: float = 1e-4

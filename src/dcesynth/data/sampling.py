@@ -2,7 +2,7 @@
 
 Per case and step two patches are cut (the paper's foreground-aware random
 cropping): one centred on a random lesion voxel, one centred on a random voxel of
-the breast ROI. Augmentation (the paper's: Gaussian noise p 0.5 std 0.02, Gaussian
+the breast ROI; or the lesion patch alone (``roi_patch=False``). Augmentation (the paper's: Gaussian noise p 0.5 std 0.02, Gaussian
 smooth / sharpen p 0.2, axis flips and in-plane 90 degree rotations p 0.5) acts on
 all phases of a patch at once, so the phases stay aligned.
 
@@ -147,7 +147,8 @@ def augmentation(patch: Sequence[int]) -> Augmentation:
 
 
 class PatchBatches(torch.utils.data.Dataset):
-    """Batch number ``step`` of training: ``2 * cases_per_step`` augmented patches.
+    """Batch number ``step`` of training: ``2 * cases_per_step`` augmented patches, or
+    ``cases_per_step`` without ``roi_patch`` (the lesion patches alone).
 
     Items are dicts with ``phases`` (B, T, *patch) float32, ``context`` (B, C, *patch)
     float32, ``times_s`` (B, T) and ``lesion`` (B, 1, *patch) bool, the lesion mask of
@@ -165,6 +166,7 @@ class PatchBatches(torch.utils.data.Dataset):
         rank: int = 0,
         augment: bool = True,
         lesion_offset: float = 0.0,
+        roi_patch: bool = True,
     ):
         if not cases:
             raise InputError("no training cases")
@@ -177,6 +179,7 @@ class PatchBatches(torch.utils.data.Dataset):
         self.seed, self.rank = seed, rank
         self.transform = augmentation(self.patch) if augment else None
         self.max_offset = np.asarray([int(lesion_offset * (p // 2)) for p in self.patch])
+        self.roi_patch = roi_patch
 
     def __len__(self) -> int:
         return self.total_steps
@@ -190,7 +193,7 @@ class PatchBatches(torch.utils.data.Dataset):
         for index in rng.choice(group, size=self.cases_per_step):
             case = self.cases[index]
             lesion_pool = case.lesion_voxels if len(case.lesion_voxels) else case.roi_voxels
-            for pool in (lesion_pool, case.roi_voxels):
+            for pool in (lesion_pool, case.roi_voxels) if self.roi_patch else (lesion_pool,):
                 centre = pool[rng.integers(len(pool))]
                 if pool is lesion_pool and self.max_offset.any():
                     centre = centre + rng.integers(-self.max_offset, self.max_offset + 1)

@@ -474,6 +474,7 @@ def build_trainer(
         train.seed,
         rank,
         lesion_offset=train.lesion_offset,
+        roi_patch=train.roi_patch,
     )
     # The model's initial weights depend on the seed alone: it is built right after seeding.
     torch.manual_seed(train.seed)
