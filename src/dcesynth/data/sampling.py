@@ -2,9 +2,10 @@
 
 Per case and step two patches are cut (the paper's foreground-aware random
 cropping): one centred on a random lesion voxel, one centred on a random voxel of
-the breast ROI; or the lesion patch alone (``roi_patch=False``). Augmentation (the paper's: Gaussian noise p 0.5 std 0.02, Gaussian
-smooth / sharpen p 0.2, axis flips and in-plane 90 degree rotations p 0.5) acts on
-all phases of a patch at once, so the phases stay aligned.
+the breast ROI; or the lesion patch alone (``roi_patch=False``). Augmentation (the
+paper's: Gaussian noise p 0.5 std 0.02, Gaussian smooth / sharpen p 0.2, axis flips
+and in-plane 90 degree rotations p 0.5) acts on all phases of a patch at once, so the
+phases stay aligned.
 
 A cohort may mix protocols (phase counts and times). The patches of one step come from
 cases with the same number of phases, so that they stack into one batch and roll out
