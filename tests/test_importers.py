@@ -542,6 +542,14 @@ def test_automatic_breast_mask_does_not_depend_on_voxel_order():
     assert (in_ras.astype(bool) & breasts).sum() / breasts.sum() > 0.9
 
 
+def test_automatic_breast_mask_reads_no_level_from_a_slice_where_the_breasts_do_not_meet():
+    body, breasts = _anatomy()
+    body[:, :, 0] = False  # slice 0 holds the two breasts alone, apart
+    mask = automatic_breast_mask(5.0 + 95.0 * (body | breasts), RAS_AFFINE).astype(bool)
+    assert not (mask & body).any()
+    assert (mask & breasts).sum() / breasts.sum() > 0.9
+
+
 def test_automatic_breast_mask_refuses_an_image_without_two_breasts():
     body, _ = _anatomy()
     with pytest.raises(InputError, match="no cleavage between two breasts"):

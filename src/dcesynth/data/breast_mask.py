@@ -115,7 +115,11 @@ def _sternum_levels(foreground: np.ndarray, min_protrusion_voxels: float) -> np.
         front = np.where(section.any(axis=1), n_y - 1 - np.argmax(section[:, ::-1], axis=1), -1)
         low, high = columns[0], columns[-1]
         centre, half = (low + high) / 2, max(1.0, BAND_HALF_WIDTH * (high - low))
-        sternum = front[columns[np.abs(columns - centre) <= half]].min()
+        band = columns[np.abs(columns - centre) <= half]
+        if band.size == 0:
+            # The breasts do not meet in this slice: its cleavage depth cannot be read.
+            continue
+        sternum = front[band].min()
         right_side = front[low : int(np.floor(centre - half))]
         left_side = front[int(np.ceil(centre + half)) + 1 : high + 1]
         if right_side.size and left_side.size:
