@@ -56,29 +56,13 @@ def test_a_config_with_a_bad_n_targets_is_refused(tmp_path):
 
 def test_prediction_uses_the_best_weights_else_the_last(tmp_path):
     run = RunDir(make_run(tmp_path))
-    assert run.weights_for_prediction() == (run.last_weights,)
+    assert run.weights_for_prediction() == run.last_weights
     save_file(load_file(run.last_weights), run.best_weights)
-    assert run.weights_for_prediction() == (run.best_weights,)
+    assert run.weights_for_prediction() == run.best_weights
     run.best_weights.unlink()
     run.last_weights.unlink()
     with pytest.raises(InputError, match="no best.safetensors or last.safetensors"):
         run.weights_for_prediction()
-
-
-def test_prediction_uses_every_snapshot_when_all_were_saved(tmp_path):
-    run = RunDir(make_run(tmp_path))
-    config = run.config
-    train = dataclasses.replace(
-        config.train, warmup_steps=10, optim_steps=20, snapshots=3, snapshot_every=5
-    )
-    run.write_config(dataclasses.replace(config, train=train))
-    save_file(load_file(run.last_weights), run.best_weights)
-    snapshots = [run.snapshot_weights(step) for step in (20, 25, 30)]
-    for path in snapshots[1:]:
-        save_file(load_file(run.last_weights), path)
-    assert run.weights_for_prediction() == (run.best_weights,)  # stopped before step 20's
-    save_file(load_file(run.last_weights), snapshots[0])
-    assert run.weights_for_prediction() == tuple(snapshots)
 
 
 def test_a_new_run_is_refused_where_a_run_was_started(tmp_path):

@@ -9,16 +9,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dcesynth.case import load_case, save_case
 from dcesynth.cli import app
 from dcesynth.config import PRESETS, RunConfig, preset
-from dcesynth.infer import load_run, predict_case
 from dcesynth.model import UNet3D, build_model
 from dcesynth.phantom import PhantomConfig, simulate_cohort
 from dcesynth.rundir import RunDir
@@ -96,50 +94,6 @@ def test_cli_train_demo_preset_writes_a_run_folder(cohort, tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [(entry["step"], entry["stage"]) for entry in log] == [(6, "warm-up")]
     assert (run / "train.log").is_file()
-
-
-def test_snapshot_steps_end_the_schedule_and_bad_counts_are_refused():
-    train = dataclasses.replace(PRESETS["demo"].train, warmup_steps=10, optim_steps=20)
-    assert train.snapshot_steps == ()
-    assert dataclasses.replace(train, snapshots=3, snapshot_every=5).snapshot_steps == (
-        20,
-        25,
-        30,
-    )
-    assert dataclasses.replace(train, snapshots=5, snapshot_every=10).snapshot_steps == (
-        10,
-        20,
-        30,
-    )
-    for bad in ({"snapshots": 0}, {"snapshot_every": 0}):
-        with pytest.raises(ValueError, match="must be at least 1"):
-            dataclasses.replace(train, **bad)
-
-
-def test_snapshots_are_saved_and_predict_averages_them(cohort, tmp_path):
-    run = tmp_path / "run"
-    config = tiny(preset("demo"), warmup_steps=2, optim_steps=4, snapshots=3, snapshot_every=2)
-    with build_trainer(cohort, run, config) as trainer:
-        kept = {}
-        trainer.fit(on_step=lambda step, *_: kept.update({step: weights(trainer)}))
-    folder = RunDir(run)
-    assert sorted(p.name for p in folder.checkpoints.glob("snapshot_*")) == [
-        "snapshot_000002.safetensors",
-        "snapshot_000004.safetensors",
-        "snapshot_000006.safetensors",
-    ]
-    for step in (2, 4, 6):
-        assert_same_weights(load_file(folder.snapshot_weights(step)), kept[step])
-    loaded = load_run(run, torch.device("cpu"))
-    assert loaded.weights == tuple(folder.snapshot_weights(step) for step in (2, 4, 6))
-    case = load_case(next(p for p in sorted(cohort.iterdir()) if p.is_dir()))
-    averaged = predict_case(loaded, case).phases
-    singles = []
-    for step in (2, 4, 6):
-        folder.write_config(dataclasses.replace(folder.config, train=tiny(preset("demo")).train))
-        save_file(load_file(folder.snapshot_weights(step)), folder.best_weights)
-        singles.append(predict_case(load_run(run, torch.device("cpu")), case).phases)
-    np.testing.assert_allclose(averaged, np.mean(singles, axis=0), rtol=1e-4, atol=1e-3)
 
 
 def test_the_optimisation_stage_keeps_the_weights_the_warm_up_ended_with(straight_run):

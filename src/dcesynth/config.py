@@ -69,10 +69,6 @@ class TrainConfig:
         lesion_offset: the lesion patch's centre is a lesion voxel moved by up to this
             fraction of the half patch per axis (0 = centred, the paper). Prediction
             tiles windows wherever they fall, so a lesion sits anywhere in a window.
-        snapshots: weights kept for prediction (``snapshot_steps``): 1 keeps none beside
-            the checkpoints (prediction loads the best, else the last); more keeps that
-            many from the end of the schedule, and prediction averages their outputs.
-        snapshot_every: steps between snapshots.
         workers: data-loading worker processes (0 = in the main process).
         seed: fixes the split, sampling, augmentation and initialisation.
     """
@@ -90,31 +86,12 @@ class TrainConfig:
     val_every: int = 160
     amp: bool | None = None
     lesion_offset: float = 0.0
-    snapshots: int = 1
-    snapshot_every: int = 100
     workers: int = 0
     seed: int = 0
-
-    def __post_init__(self):
-        if self.snapshots < 1 or self.snapshot_every < 1:
-            raise ValueError(
-                f"snapshots and snapshot_every must be at least 1, got {self.snapshots} "
-                f"and {self.snapshot_every}"
-            )
 
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.optim_steps
-
-    @property
-    def snapshot_steps(self) -> tuple[int, ...]:
-        """Ascending steps whose weights are kept as snapshots: the schedule's last step and
-        the ``snapshots - 1`` before it, ``snapshot_every`` apart (those after step 0);
-        empty for a single snapshot, which is the last checkpoint itself."""
-        if self.snapshots == 1:
-            return ()
-        steps = (self.total_steps - i * self.snapshot_every for i in range(self.snapshots))
-        return tuple(sorted(step for step in steps if step > 0))
 
 
 @dataclass(frozen=True)

@@ -59,66 +59,39 @@ class Prediction:
     region: tuple[tuple[int, int], ...]
 
 
-class SnapshotEnsemble(torch.nn.Module):
-    """Models of one architecture whose predictions are averaged: the snapshots of a run
-    (``TrainConfig.snapshots``). Called and checked like each of them (``PhaseModel``).
-
-    Args:
-        members: the models, all serving the same protocols.
-    """
-
-    def __init__(self, members: Sequence[torch.nn.Module]):
-        super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one model")
-        self.members = torch.nn.ModuleList(members)
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return torch.stack([member(*args, **kwargs) for member in self.members]).mean(dim=0)
-
-    def check_protocol(self, n_observed: int, n_targets: int) -> None:
-        self.members[0].check_protocol(n_observed, n_targets)
-
-
 @dataclass
 class LoadedRun:
-    """A trained model ready for prediction, with the run folder and weights it came from
-    (several files: a ``SnapshotEnsemble`` of them)."""
+    """A trained model ready for prediction, with the run folder it came from."""
 
     model: torch.nn.Module | RegressionModel
     config: RunConfig
     device: torch.device
-    weights: tuple[Path, ...]
+    weights: Path
     run_dir: Path
 
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
-    """Rebuild the model of ``RUN`` from its config and load its weights for prediction
-    (``RunDir.weights_for_prediction``)."""
+    """Rebuild the model of ``RUN`` from its config and load its weights for prediction."""
     run = RunDir(run_dir)
     config = run.config
     weights = run.weights_for_prediction()
     if config.model.name == "regression":
         return LoadedRun(
-            RegressionModel.load(weights[0]), config, torch.device("cpu"), weights, run.path
+            RegressionModel.load(weights), config, torch.device("cpu"), weights, run.path
         )
     n_targets = run.n_targets
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = []
-    for path in weights:
-        try:
-            model = build_model(
-                config.model.name,
-                config.model.features,
-                config.model.temporal,
-                n_targets,
-                config.model.pre_channels,
-            )
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise InputError(f"{run.config_file}: cannot build the model ({exc})") from exc
-        load_weights(path, model)
-        models.append(model)
-    model = models[0] if len(models) == 1 else SnapshotEnsemble(models)
+    try:
+        model = build_model(
+            config.model.name,
+            config.model.features,
+            config.model.temporal,
+            n_targets,
+            config.model.pre_channels,
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{run.config_file}: cannot build the model ({exc})") from exc
+    load_weights(weights, model)
     model = accelerate(model.to(device).eval(), device)
     return LoadedRun(model, config, device, weights, run.path)
 

@@ -2,15 +2,14 @@
 
 Layout::
 
-    RUN/config.json                            resolved RunConfig (see dcesynth.config)
-    RUN/checkpoints/last.safetensors           weights at the last saved step
-    RUN/checkpoints/last_state.pt              step, stage, optimizer and scheduler state
-    RUN/checkpoints/best.safetensors           weights with the lowest validation error
-    RUN/checkpoints/warmup.safetensors         weights at the end of the warm-up stage
-    RUN/checkpoints/snapshot_STEP.safetensors  weights at a snapshot step (``TrainConfig``)
-    RUN/log.jsonl                              one JSON line per validation
-    RUN/train.log                              the human-readable log
-    RUN/regression.safetensors                 the fitted model of a regression run (no checkpoints)
+    RUN/config.json                      resolved RunConfig (see dcesynth.config)
+    RUN/checkpoints/last.safetensors     weights at the last saved step
+    RUN/checkpoints/last_state.pt        step, stage, optimizer and scheduler state
+    RUN/checkpoints/best.safetensors     weights with the lowest validation error
+    RUN/checkpoints/warmup.safetensors   weights at the end of the warm-up stage
+    RUN/log.jsonl                        one JSON line per validation
+    RUN/train.log                        the human-readable log
+    RUN/regression.safetensors           the fitted model of a regression run (no checkpoints)
 
 Every other module asks a :class:`RunDir` for these paths rather than spelling them.
 """
@@ -109,29 +108,17 @@ class RunDir:
         with open(self.log_jsonl, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def snapshot_weights(self, step: int) -> Path:
-        """Where the snapshot of the weights at ``step`` is kept."""
-        return self.checkpoints / f"snapshot_{step:06d}.safetensors"
-
-    def weights_for_prediction(self) -> tuple[Path, ...]:
-        """The weights ``predict`` loads, one model per file, whose outputs it averages.
-
-        The regression model; else every snapshot of the config's ``snapshot_steps``
-        when all were saved (a run stopped early has not); else the best weights, else
-        the last.
+    def weights_for_prediction(self) -> Path:
+        """The weights ``predict`` loads: the regression model, else best, else last.
 
         Raises:
             InputError: not a run folder, or a network run without best or last weights.
         """
-        config = self.config
-        if config.model.name == "regression":
-            return (self.regression_file,)
-        snapshots = tuple(map(self.snapshot_weights, config.train.snapshot_steps))
-        if snapshots and all(path.is_file() for path in snapshots):
-            return snapshots
+        if self.config.model.name == "regression":
+            return self.regression_file
         for path in (self.best_weights, self.last_weights):
             if path.is_file():
-                return (path,)
+                return path
         raise InputError(f"{self.checkpoints}: no best.safetensors or last.safetensors")
 
     @property
@@ -148,7 +135,7 @@ class RunDir:
         recorded = self.config.n_targets
         if recorded is not None:
             return recorded
-        weights = self.weights_for_prediction()[0]
+        weights = self.weights_for_prediction()
         text = weights_metadata(weights).get("n_targets", "1")
         if not text.isdigit() or int(text) < 1:
             raise InputError(

@@ -299,8 +299,6 @@ class Trainer:
                 terms = self.train_step(batch, stage)
                 self.step += 1
                 done += 1
-                if self.rank == 0 and self.step in self.config.train.snapshot_steps:
-                    save_weights(self.run.snapshot_weights(self.step), self.model, step=self.step)
                 if on_step:
                     on_step(self.step, stage.name, terms, done / (time.perf_counter() - started))
                 if self.step % self.config.train.val_every == 0 or self.step in (stage.stop, stop):
