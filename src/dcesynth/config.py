@@ -147,7 +147,8 @@ SMALL_FEATURES = (8, 8, 16, 32, 64, 8)
 # (README, "Results"): the lesion loss term, heavier L1, lesion patches placed anywhere in
 # the patch, small patches (many more steps in the same time: a phantom lesion is at most
 # ~10 voxels across), no stage-2 enhancement weighting (the lesion term does its job), and
-# for `cpu` a free-running stage twice the warm-up's length.
+# for `cpu` a free-running stage nearly twice the warm-up's length, sized to train in
+# 45 minutes on a 2-core AVX2 CPU (README, "Results": twice these steps scored no better).
 PRODUCT_LOSS = (1.0, 0.5, 1.0, 0.1, 2.0)
 
 # The paper: 40 epochs of 160 cases, batch 1 case (2 patches). The split between
@@ -175,14 +176,14 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(
             patch=(32, 32, 16),
             cases_per_step=2,
-            warmup_steps=1200,
-            optim_steps=2400,
+            warmup_steps=600,
+            optim_steps=1100,
             lr=2e-3,
             weight_decay=1e-3,
             enhancement_mask=False,
             loss_weights=PRODUCT_LOSS,
             lesion_offset=0.75,
-            val_every=200,
+            val_every=425,
         ),
     ),
     "paper": RunConfig(
