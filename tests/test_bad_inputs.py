@@ -337,8 +337,9 @@ def test_train_resume_bad_checkpoint(tmp_path, data, trained, damage, problem, m
         (["--perceptual-weights", "{tmp}/none.pth"], "none.pth"),
         (["--out", "{tmp}/afile/run"], "is a file"),
         (["--preset", "huge"], "--preset: unknown preset"),
+        (["--normalisation", "zscore"], "--normalisation: unknown normalisation 'zscore'"),
     ],
-    ids=["perceptual-weights-missing", "out-under-a-file", "preset"],
+    ids=["perceptual-weights-missing", "out-under-a-file", "preset", "normalisation"],
 )
 def test_train_bad_option(tmp_path, data, options, problem):
     (tmp_path / "afile").write_text("x")

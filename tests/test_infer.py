@@ -49,14 +49,17 @@ def make_case(shape=(40, 36, 32), roi_box=(slice(4, 14), slice(4, 14), slice(0, 
     return Case("case_a", phases, TIMES, seg, roi, affine, source="test")
 
 
-def make_run(tmp_path, name="iterunet", n_targets=4, seed=0, relative_enhancement=False):
-    run_dir = tmp_path / f"run_{name}_{relative_enhancement}"
+def make_run(
+    tmp_path, name="iterunet", n_targets=4, seed=0, relative_enhancement=False, normalisation="ti"
+):
+    run_dir = tmp_path / f"run_{name}_{relative_enhancement}_{normalisation}"
     (run_dir / "checkpoints").mkdir(parents=True)
     model_config = ModelConfig(
         name=name,
         features=FEATURES,
         temporal=name == "iterunet",
         relative_enhancement=relative_enhancement,
+        normalisation=normalisation,
     )
     config = RunConfig(preset="test", model=model_config, train=TrainConfig(patch=PATCH, amp=False))
     atomic_write_json(run_dir / "config.json", config.to_json())
@@ -103,22 +106,27 @@ def test_prediction_files_keep_shape_and_affine(tmp_path, case_dir):
 def test_relative_enhancement_input_tells_what_ti_norm_cannot(tmp_path, name):
     # Scaling and offsetting every phase alike leaves TI-normalised phases unchanged, so a
     # model on them alone predicts the same normalised output; the relative enhancement
-    # (S1 - S0) / S0 changes with the offset, and a model given it predicts differently.
+    # (S1 - S0) / S0 changes with the offset, and a model given it predicts differently,
+    # as does a model whose inputs are referenced to the pre-contrast mean.
     case = make_case()
     shifted = Case(
         "case_b", case.phases * 0.5 + 40.0, case.times_s, case.seg, case.roi, case.affine
     )
     outputs = {}
-    for relative in (False, True):
-        run = load_run(make_run(tmp_path, name, relative_enhancement=relative), torch.device("cpu"))
-        outputs[relative] = [
+    for relative, normalisation in ((False, "ti"), (True, "ti"), (False, "pre")):
+        run_dir = make_run(
+            tmp_path, name, relative_enhancement=relative, normalisation=normalisation
+        )
+        run = load_run(run_dir, torch.device("cpu"))
+        outputs[relative, normalisation] = [
             (predict_case(run, c).phases[:, c.roi > 0] - c.phases[1][c.roi > 0].mean())
             / c.phases[1][c.roi > 0].std()
             for c in (case, shifted)
         ]
-    plain, relative = outputs[False], outputs[True]
+    plain, relative, pre = outputs[False, "ti"], outputs[True, "ti"], outputs[False, "pre"]
     np.testing.assert_allclose(plain[0], plain[1], atol=2e-3)
     assert np.abs(relative[0] - relative[1]).max() > 1e-2
+    assert np.abs(pre[0] - pre[1]).max() > 1e-2
 
 
 def test_predict_twice_gives_identical_files(tmp_path, case_dir):

@@ -13,6 +13,8 @@ from dcesynth.data.sampling import (
     crop,
     prepare_case,
 )
+from dcesynth.data.tinorm import PRE_UNIT
+from dcesynth.io import InputError
 
 PATCH = (16, 16, 16)
 SHAPE = (48, 48, 32)
@@ -208,6 +210,48 @@ def test_relative_enhancement_context_is_the_signal_ratio_padded_with_zeros():
     assert not context[20:].any() and not context[:, 24:].any() and not context[..., 10:].any()
     batch = PatchBatches([prepared], (32, 32, 16), 1, 1, seed=0)[0]
     assert batch["context"].shape == (2, 1, 32, 32, 16)
+
+
+def test_pre_referenced_normalisation_does_not_move_with_contrast_uptake():
+    rng = np.random.default_rng(4)
+    shape = (32, 32, 16)
+    pre = rng.uniform(80.0, 120.0, shape).astype(np.float32)
+    enhancement = np.zeros(shape, dtype=np.float32)
+    enhancement[8:16, 8:16, 4:12] = 150.0
+    enhancement[20:28] = 20.0
+    roi = np.zeros(shape, dtype=np.uint8)
+    roi[4:30, 4:30, 2:14] = 1
+    pre_mean = pre[roi > 0].mean()
+    prepared = {}
+    for uptake in (1.0, 3.0):
+        phases = np.stack([pre, pre + uptake * enhancement, pre + 0.8 * uptake * enhancement])
+        case = Case("up", phases, [0.0, 85.0, 155.0], np.zeros(shape, np.int16), roi, np.eye(4))
+        referenced = prepare_case(case, shape, normalisation="pre")
+        expected = (phases - pre_mean) / (PRE_UNIT * pre_mean)
+        np.testing.assert_allclose(referenced.phases, expected, rtol=1e-5, atol=1e-5)
+        # A voxel's relative enhancement survives the map (TI-norm's offset removes it).
+        signal = 1 + PRE_UNIT * referenced.phases
+        relative = signal[1] / signal[0] - 1
+        np.testing.assert_allclose(relative, uptake * enhancement / pre, rtol=1e-4, atol=1e-5)
+        prepared[uptake] = (referenced, prepare_case(case, shape))
+    # More contrast uptake leaves the normalised pre-contrast image as it was under "pre";
+    # under TI-norm it is rescaled by 1dyn's spread.
+    (referenced_1, ti_1), (referenced_3, ti_3) = prepared[1.0], prepared[3.0]
+    np.testing.assert_array_equal(referenced_1.phases[0], referenced_3.phases[0])
+    assert np.abs(ti_1.phases[0] - ti_3.phases[0]).max() > 0.2
+
+
+def test_pre_referenced_normalisation_refuses_a_dark_pre_contrast_roi():
+    shape = (8, 8, 4)
+    phases = np.zeros((3, *shape), dtype=np.float32)
+    phases[1:] = 5.0
+    case = Case(
+        "dark", phases, [0.0, 85.0, 155.0], np.zeros(shape, np.int16), np.ones(shape), np.eye(4)
+    )
+    with pytest.raises(
+        InputError, match="dark: pre-contrast mean inside the breast ROI is not positive"
+    ):
+        prepare_case(case, shape, normalisation="pre")
 
 
 def test_mixed_protocols_give_batches_of_one_length_in_proportion_to_their_cases():

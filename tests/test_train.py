@@ -122,8 +122,9 @@ def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, str
         ("--no-warmup", ("train", "warmup_steps"), 0, "optimisation"),
         ("--no-temporal", ("model", "temporal"), False, "warm-up"),
         ("--model=baseline", ("model", "name"), "baseline", "optimisation"),
+        ("--normalisation=pre", ("model", "normalisation"), "pre", "warm-up"),
     ],
-    ids=["no-warmup", "no-temporal", "baseline"],
+    ids=["no-warmup", "no-temporal", "baseline", "pre-normalisation"],
 )
 def test_cli_ablation_flags_train_and_are_recorded(
     cohort, tmp_path, flag, field, value, first_stage

@@ -278,13 +278,26 @@ def train(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the preset's seed.")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast.")] = None,
+    normalisation: Annotated[
+        str | None,
+        typer.Option(
+            help="Networks' input normalisation: ti (TI-norm, the presets') or pre "
+            "(referenced to the pre-contrast phase)."
+        ),
+    ] = None,
 ) -> None:
     """Train iterU-Net (two stages), the per-phase baseline or the regression model."""
     from dcesynth import pipeline
     from dcesynth.config import preset as make_preset
 
     config = make_preset(
-        preset, model=model, temporal=not no_temporal, warmup=not no_warmup, seed=seed, amp=amp
+        preset,
+        model=model,
+        temporal=not no_temporal,
+        warmup=not no_warmup,
+        seed=seed,
+        amp=amp,
+        normalisation=normalisation,
     )
     pipeline.train(
         data,

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dcesynth.data.tinorm import NORMALISATIONS
 from dcesynth.io import InputError
 from dcesynth.regression import RegressionConfig
 
@@ -33,12 +34,16 @@ class ModelConfig:
             relative enhancement of 1dyn over pre, ``(S1 - S0) / S0`` of the signal
             (``dcesynth.data.tinorm.context_channels``), which TI-norm cannot express.
             False is the paper's input.
+        normalisation: how a case's intensities are mapped for the network
+            (``dcesynth.data.tinorm.fit_input_norm``): "ti", TI-norm (the paper's), or
+            "pre", referenced to the pre-contrast phase's mean in the breast ROI.
     """
 
     name: str = "iterunet"
     features: tuple[int, ...] = PAPER_FEATURES
     temporal: bool = True
     relative_enhancement: bool = False
+    normalisation: str = "ti"
 
     @property
     def pre_channels(self) -> int:
@@ -219,6 +224,7 @@ def preset(
     warmup: bool = True,
     seed: int | None = None,
     amp: bool | None = None,
+    normalisation: str | None = None,
 ) -> RunConfig:
     """The named preset with the command line's model choice, ablations and overrides applied.
 
@@ -229,11 +235,18 @@ def preset(
         warmup: False is the ablation without the warm-up stage.
         seed: replaces the preset's seed (training and regression) when given.
         amp: replaces the preset's bf16 autocast setting when given.
+        normalisation: replaces the preset's input normalisation when given (a value of
+            ``NORMALISATIONS``).
     """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     if model not in MODEL_CHOICES:
         raise InputError(f"--model: unknown model {model!r}; choose {', '.join(MODEL_CHOICES)}")
+    if normalisation is not None and normalisation not in NORMALISATIONS:
+        raise InputError(
+            f"--normalisation: unknown normalisation {normalisation!r}; "
+            f"choose {', '.join(NORMALISATIONS)}"
+        )
     base = PRESETS[name]
     train = base.train
     if not warmup or model == "baseline":
@@ -243,7 +256,10 @@ def preset(
     overrides = {key: value for key, value in (("seed", seed), ("amp", amp)) if value is not None}
     train = dataclasses.replace(train, **overrides)
     model_config = dataclasses.replace(
-        base.model, name=model, temporal=temporal and model == "iterunet"
+        base.model,
+        name=model,
+        temporal=temporal and model == "iterunet",
+        normalisation=normalisation or base.model.normalisation,
     )
     from dcesynth import __version__
 

@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 from dcesynth.accel import accelerate, use_bf16, windows_per_call
 from dcesynth.case import Case, phase_names, validate_times
 from dcesynth.config import RunConfig
-from dcesynth.data.tinorm import context_channels, fit_case_norm
+from dcesynth.data.tinorm import context_channels, fit_input_norm
 from dcesynth.io import InputError, save_nifti, staged_directory
 from dcesynth.kinetics import kinetic_map
 from dcesynth.model import build_model
@@ -312,7 +312,7 @@ def predict_case(
         run.model.check_protocol(len(names) - 1, len(targets))
     except ValueError as exc:
         raise InputError(f"{case.case_id}: {exc}") from None
-    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+    norm = fit_input_norm(case.phases, case.roi, run.config.model.normalisation, where=case.case_id)
     first = len(names)
     volume = predict_volume(
         run.model,

@@ -29,7 +29,7 @@ from monai import transforms
 from monai.data import set_track_meta
 
 from dcesynth.case import Case
-from dcesynth.data.tinorm import context_channels, fit_case_norm
+from dcesynth.data.tinorm import context_channels, fit_input_norm
 from dcesynth.io import InputError
 
 set_track_meta(False)
@@ -60,13 +60,17 @@ class PreparedCase:
 
 
 def prepare_case(
-    case: Case, patch: Sequence[int], relative_enhancement: bool = False
+    case: Case,
+    patch: Sequence[int],
+    relative_enhancement: bool = False,
+    normalisation: str = "ti",
 ) -> PreparedCase:
-    """TI-normalise ``case`` and pad it so that every axis holds at least one patch.
+    """Normalise ``case`` (``fit_input_norm``) and pad it so that every axis holds at
+    least one patch.
 
     ``relative_enhancement`` adds that context channel (``context_channels``).
     """
-    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+    norm = fit_input_norm(case.phases, case.roi, normalisation, where=case.case_id)
     phases = norm.forward(case.phases)
     pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch, case.shape, strict=True)]
     phases = np.pad(phases, pad, mode="constant", constant_values=float(phases.min()))

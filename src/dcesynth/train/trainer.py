@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from dcesynth.accel import accelerate, make_adamw, tune_process, use_bf16
 from dcesynth.case import find_cases, load_case
-from dcesynth.config import RunConfig, TrainConfig
+from dcesynth.config import ModelConfig, RunConfig, TrainConfig
 from dcesynth.data.sampling import (
     PatchBatches,
     PreparedCase,
@@ -355,12 +355,12 @@ def resolve_config(run: RunDir, config: RunConfig, resume: bool) -> RunConfig:
 
 
 def load_training_cases(
-    data_dir: Path, train: TrainConfig, relative_enhancement: bool = False
+    data_dir: Path, train: TrainConfig, model: ModelConfig
 ) -> tuple[list[PreparedCase], list[PreparedCase]]:
     """The training and validation cases of ``data_dir``, split by ``train``'s seed.
 
-    The cases may mix protocols (phase counts and times). ``relative_enhancement`` adds
-    that context channel (``ModelConfig.relative_enhancement``).
+    The cases may mix protocols (phase counts and times); ``model`` sets their
+    normalisation and context channels.
 
     Raises:
         InputError: fewer than 2 cases, a bad case, or a case of fewer than 3 phases.
@@ -370,7 +370,10 @@ def load_training_cases(
         raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
     train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
     train_cases, val_cases = (
-        [prepare_case(load_case(d), train.patch, relative_enhancement) for d in dirs]
+        [
+            prepare_case(load_case(d), train.patch, model.relative_enhancement, model.normalisation)
+            for d in dirs
+        ]
         for dirs in (train_dirs, val_dirs)
     )
     for case in train_cases + val_cases:
@@ -458,7 +461,7 @@ def build_trainer(
     device, owns_process_group = prepare_process(world)
     config = resolve_config(run, config, resume)
     train = config.train
-    train_cases, val_cases = load_training_cases(data_dir, train, config.model.relative_enhancement)
+    train_cases, val_cases = load_training_cases(data_dir, train, config.model)
     phase_counts = list(protocol_groups(train_cases + val_cases))
     check_model_fits_cohort(config.model.name, phase_counts, data_dir)
     n_phases = phase_counts[-1]
