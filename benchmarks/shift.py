@@ -93,6 +93,7 @@ def summarise(metrics: dict, model: str) -> dict:
     ours, copy = metrics["models"][model], metrics["models"][REFERENCE_MODEL]
     return {
         "cases": metrics["cases"],
+        "lesions": metrics["lesions"],
         "ratio_to_copy": paired["ratio"],
         "ratio_to_copy_ci95": paired["ratio_ci95"],
         "agreement": ours["curve_type_agreement"],
@@ -104,12 +105,16 @@ def summarise(metrics: dict, model: str) -> dict:
 
 def table(rows: dict[str, dict]) -> str:
     """The rows as a plain-text table, one line per shift."""
-    lines = [f"{'shift':<9} {'cases':>5}  {'x copy at last phase':<22} {'type agr.':<18} copy agr."]
+    lines = [
+        f"{'shift':<9} {'cases':>5} {'lesions':>7}  {'x copy at last phase':<22} "
+        f"{'type agr.':<18} copy agr."
+    ]
     for name, row in rows.items():
         low, high = row["ratio_to_copy_ci95"]
         agreement_low, agreement_high = row["agreement_ci95"]
         lines.append(
-            f"{name:<9} {row['cases']:>5}  {row['ratio_to_copy']:.2f} [{low:.2f}, {high:.2f}]"
+            f"{name:<9} {row['cases']:>5} {row['lesions']:>7}  "
+            f"{row['ratio_to_copy']:.2f} [{low:.2f}, {high:.2f}]"
             f"{'':<6} {row['agreement']:.2f} [{agreement_low:.2f}, {agreement_high:.2f}]"
             f"   {row['copy_agreement']:.2f}"
         )

@@ -69,6 +69,7 @@ def test_an_unknown_cohort_is_refused_by_name(tmp_path):
 def test_summary_reads_the_ratio_and_agreements_from_metrics():
     metrics = {
         "cases": 9,
+        "lesions": 11,
         "models": {
             "iterunet": {"curve_type_agreement": 0.7, "curve_type_agreement_ci95": [0.5, 0.9]},
             "copy-1dyn": {"curve_type_agreement": 0.5, "curve_type_agreement_ci95": [0.3, 0.7]},
@@ -87,6 +88,7 @@ def test_summary_reads_the_ratio_and_agreements_from_metrics():
     row = shift.summarise(metrics, "iterunet")
     assert row == {
         "cases": 9,
+        "lesions": 11,
         "ratio_to_copy": 0.6,
         "ratio_to_copy_ci95": [0.4, 0.8],
         "agreement": 0.7,
@@ -94,7 +96,7 @@ def test_summary_reads_the_ratio_and_agreements_from_metrics():
         "copy_agreement": 0.5,
         "copy_agreement_ci95": [0.3, 0.7],
     }
-    assert shift.table({"snr": row}).splitlines()[1].split()[:3] == ["snr", "9", "0.60"]
+    assert shift.table({"snr": row}).splitlines()[1].split()[:4] == ["snr", "9", "11", "0.60"]
 
 
 @pytest.mark.slow
@@ -118,7 +120,7 @@ def test_a_trained_run_is_scored_on_shift_cohorts(tmp_path):
     assert list(rows) == names
     assert json.loads((out / "shift.json").read_text()) == rows
     for name, row in rows.items():
-        assert row["cases"] >= 1, name
+        assert row["cases"] >= 1 and row["lesions"] >= 2, name
         assert math.isfinite(row["ratio_to_copy"]), name
         low, high = row["ratio_to_copy_ci95"]
         assert low <= row["ratio_to_copy"] <= high, name
