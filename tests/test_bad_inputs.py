@@ -187,6 +187,12 @@ def bad_config(run):
     return "invalid run config"
 
 
+def unknown_normalisation(run):
+    path = run / "config.json"
+    path.write_text(path.read_text(encoding="utf-8").replace('"ti"', '"zscore"'))
+    return "model.normalisation must be one of ('ti', 'pre'), got 'zscore'"
+
+
 def unknown_model(run):
     path = run / "config.json"
     path.write_text(path.read_text(encoding="utf-8").replace('"iterunet"', '"vit"'))
@@ -202,6 +208,7 @@ def unknown_model(run):
         nan_weights,
         no_weights,
         bad_config,
+        unknown_normalisation,
         unknown_model,
     ],
 )

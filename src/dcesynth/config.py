@@ -129,6 +129,10 @@ class RunConfig:
         regression = RegressionConfig(
             **{k: _tuple(v) for k, v in data.get("regression", {}).items()}
         )
+        if model.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"model.normalisation must be one of {NORMALISATIONS}, got {model.normalisation!r}"
+            )
         n_targets = data.get("n_targets")
         if n_targets is not None and (not isinstance(n_targets, int) or n_targets < 1):
             raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")
