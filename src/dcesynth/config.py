@@ -45,6 +45,12 @@ class ModelConfig:
     relative_enhancement: bool = False
     normalisation: str = "ti"
 
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"model.normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}"
+            )
+
     @property
     def pre_channels(self) -> int:
         """Channels of the network's `pre` input: the pre-contrast image and any context."""
@@ -129,10 +135,6 @@ class RunConfig:
         regression = RegressionConfig(
             **{k: _tuple(v) for k, v in data.get("regression", {}).items()}
         )
-        if model.normalisation not in NORMALISATIONS:
-            raise ValueError(
-                f"model.normalisation must be one of {NORMALISATIONS}, got {model.normalisation!r}"
-            )
         n_targets = data.get("n_targets")
         if n_targets is not None and (not isinstance(n_targets, int) or n_targets < 1):
             raise ValueError(f"n_targets must be a positive integer, got {n_targets!r}")

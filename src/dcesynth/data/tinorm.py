@@ -25,6 +25,19 @@ import numpy as np
 from dcesynth.io import InputError
 
 
+def roi_values(image: np.ndarray, roi: np.ndarray, where: str) -> np.ndarray:
+    """The voxels of ``image`` (X, Y, Z) inside ``roi`` (X, Y, Z), for a normalisation's
+    statistics.
+
+    Raises:
+        InputError: an empty ROI.
+    """
+    inside = np.asarray(image)[np.asarray(roi) > 0]
+    if inside.size == 0:
+        raise InputError(f"{where}: breast ROI is empty; normalisation needs it for its statistics")
+    return inside
+
+
 @dataclass(frozen=True)
 class TINorm:
     """Mean and standard deviation of the reference phase inside the breast ROI."""
@@ -39,9 +52,7 @@ class TINorm:
         Raises:
             InputError: empty ROI, or a constant reference phase inside it.
         """
-        inside = np.asarray(reference)[np.asarray(roi) > 0]
-        if inside.size == 0:
-            raise InputError(f"{where}: breast ROI is empty; TI-norm needs it for its statistics")
+        inside = roi_values(reference, roi, where)
         std = float(inside.std(dtype=np.float64))
         if not std > 0:
             raise InputError(f"{where}: reference phase is constant inside the breast ROI")
@@ -113,9 +124,7 @@ def fit_input_norm(
         return fit_case_norm(phases, roi, where=where)
     if normalisation != "pre":
         raise ValueError(f"unknown normalisation {normalisation!r}; choose from {NORMALISATIONS}")
-    inside = np.asarray(phases[0])[np.asarray(roi) > 0]
-    if inside.size == 0:
-        raise InputError(f"{where}: breast ROI is empty; normalisation needs it for its statistics")
+    inside = roi_values(phases[0], roi, where)
     mean = float(inside.mean(dtype=np.float64))
     if not mean > 0:
         raise InputError(f"{where}: pre-contrast mean inside the breast ROI is not positive")
