@@ -72,7 +72,8 @@ class TrainConfig:
         lr, weight_decay: AdamW.
         enhancement_mask: weight prediction and target by sqrt(|last - first post|)
             in stage 2, as the reference code does.
-        loss_weights: (l1, ssim, perceptual, gdl).
+        loss_weights: (l1, ssim, perceptual, gdl[, lesion]) as ``LossWeights`` takes them;
+            the lesion term's weight is 0 when left out.
         val_fraction: share of cases held out for validation (at least one).
         val_every: steps between validations (and checkpoints).
         amp: bf16 autocast; None lets the device decide (``dcesynth.accel.use_bf16``:
@@ -92,7 +93,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-3
     enhancement_mask: bool = True
-    loss_weights: tuple[float, float, float, float] = (0.1, 1.0, 1.0, 0.1)
+    loss_weights: tuple[float, ...] = (0.1, 1.0, 1.0, 0.1)
     val_fraction: float = 0.2
     val_every: int = 160
     amp: bool | None = None
