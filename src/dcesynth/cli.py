@@ -466,7 +466,7 @@ def print_import_summary(summary, table_class) -> None:
 
 # Cohort sizes of `demo` and `experiment`: phantom cases are cheap to simulate, and a test
 # cohort needs about 100 lesions before intervals can tell models apart.
-DEMO_TRAIN_CASES, DEMO_TEST_LESIONS = 200, 32
+DEMO_TRAIN_CASES, DEMO_TEST_LESIONS = 200, 100
 EXPERIMENT_TRAIN_CASES, EXPERIMENT_TEST_LESIONS = 300, 125
 DEMO_VARIANTS = ("iterunet", "baseline", "regression")
 
