@@ -193,6 +193,16 @@ def unknown_normalisation(run):
     return "model.normalisation must be one of ('ti', 'pre'), got 'zscore'"
 
 
+def scheduled_sampling_out_of_range(run):
+    path = run / "config.json"
+    path.write_text(
+        path.read_text(encoding="utf-8").replace(
+            '"scheduled_sampling": 0.0', '"scheduled_sampling": -1.0'
+        )
+    )
+    return "train.scheduled_sampling must be in [0, 1], got -1.0"
+
+
 def unknown_model(run):
     path = run / "config.json"
     path.write_text(path.read_text(encoding="utf-8").replace('"iterunet"', '"vit"'))
@@ -209,6 +219,7 @@ def unknown_model(run):
         no_weights,
         bad_config,
         unknown_normalisation,
+        scheduled_sampling_out_of_range,
         unknown_model,
     ],
 )
@@ -345,8 +356,15 @@ def test_train_resume_bad_checkpoint(tmp_path, data, trained, damage, problem, m
         (["--out", "{tmp}/afile/run"], "is a file"),
         (["--preset", "huge"], "--preset: unknown preset"),
         (["--normalisation", "zscore"], "--normalisation: unknown normalisation 'zscore'"),
+        (["--scheduled-sampling", "2"], "--scheduled-sampling: a share of stage 2 from 0 to 1"),
     ],
-    ids=["perceptual-weights-missing", "out-under-a-file", "preset", "normalisation"],
+    ids=[
+        "perceptual-weights-missing",
+        "out-under-a-file",
+        "preset",
+        "normalisation",
+        "scheduled-sampling",
+    ],
 )
 def test_train_bad_option(tmp_path, data, options, problem):
     (tmp_path / "afile").write_text("x")

@@ -242,6 +242,48 @@ def test_free_running_feeds_the_own_predictions():
 
 
 @torch.no_grad()
+def test_teacher_mask_feeds_each_sample_its_real_or_its_own_phase():
+    """Scheduled sampling: all True is teacher forcing, all False free-running, and a mixed
+    mask feeds each sample, step by step, the real phase where True and its own prediction
+    where False."""
+    model = small_iterunet()
+    x = phases(6)
+    pre, observed, real, times_s = x[:, :1], x[:, 1:2], x[:, 2:], times(85.0, *TARGET_TIMES_S)
+    forced = model(pre, observed, times_s, teacher=real)
+    free = model(pre, observed, times_s)
+    every = torch.ones(2, 4, dtype=torch.bool)
+    torch.testing.assert_close(model(pre, observed, times_s, real, every), forced)
+    torch.testing.assert_close(model(pre, observed, times_s, real, ~every), free)
+
+    mask = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    calls = record_unet_inputs(model)
+    outputs = model(pre, observed, times_s, teacher=real, teacher_mask=mask)
+    fed = [call[:, 1:] for call in calls]
+    assert torch.equal(fed[0], observed)
+    for k in range(1, 4):
+        for b in range(2):
+            expected = real[b, k - 1] if mask[b, k - 1] else outputs[b, k - 1]
+            assert torch.equal(fed[k][b, 0], expected)
+
+
+@pytest.mark.parametrize(
+    ("mask", "with_teacher"),
+    [
+        (torch.ones(2, 4, dtype=torch.bool), False),
+        (torch.ones(2, 3, dtype=torch.bool), True),
+        (torch.ones(2, 4), True),
+    ],
+    ids=["without-teacher", "wrong-shape", "not-bool"],
+)
+def test_bad_teacher_masks_raise(mask, with_teacher):
+    model = small_iterunet()
+    x = phases(6)
+    teacher = x[:, 2:] if with_teacher else None
+    with pytest.raises(ValueError, match="teacher_mask"):
+        model(x[:, :1], x[:, 1:2], times(85.0, *TARGET_TIMES_S), teacher, mask)
+
+
+@torch.no_grad()
 def test_rollout_starts_from_the_last_observed_phase():
     model = small_iterunet()
     x = phases(3)

@@ -20,7 +20,7 @@ from dcesynth.config import PRESETS, RunConfig, preset
 from dcesynth.model import UNet3D, build_model
 from dcesynth.phantom import PhantomConfig, simulate_cohort
 from dcesynth.rundir import RunDir
-from dcesynth.train.trainer import Trainer, build_trainer
+from dcesynth.train.trainer import Trainer, build_trainer, stages, teacher_probability
 
 TINY_FEATURES = (4, 4, 8, 8, 16, 4)
 
@@ -123,8 +123,9 @@ def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, str
         ("--no-temporal", ("model", "temporal"), False, "warm-up"),
         ("--model=baseline", ("model", "name"), "baseline", "optimisation"),
         ("--normalisation=pre", ("model", "normalisation"), "pre", "warm-up"),
+        ("--scheduled-sampling=0.5", ("train", "scheduled_sampling"), 0.5, "warm-up"),
     ],
-    ids=["no-warmup", "no-temporal", "baseline", "pre-normalisation"],
+    ids=["no-warmup", "no-temporal", "baseline", "pre-normalisation", "scheduled-sampling"],
 )
 def test_cli_ablation_flags_train_and_are_recorded(
     cohort, tmp_path, flag, field, value, first_stage
@@ -180,6 +181,53 @@ def test_warmup_feeds_real_phases_and_optimisation_feeds_own_outputs(cohort, tmp
         previous_prediction = free_running[k - 1][0] + free_running[k - 1][2]
         torch.testing.assert_close(current, previous_prediction)
         assert not torch.allclose(current, real[:, k + 1 : k + 2], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "expected"),
+    [(0.0, [0.0, 0.0, 0.0, 0.0]), (0.5, [1.0, 0.5, 0.0, 0.0]), (1.0, [1.0, 0.75, 0.5, 0.25])],
+)
+def test_scheduled_sampling_probability_falls_linearly_over_its_share_of_stage_2(
+    fraction, expected
+):
+    config = tiny(preset("demo"), warmup_steps=2, optim_steps=4, scheduled_sampling=fraction)
+    warmup, optimisation = stages(config)
+    assert teacher_probability(config.train, warmup, 0) == 1.0
+    assert [teacher_probability(config.train, optimisation, 2 + i) for i in range(4)] == expected
+
+
+def test_scheduled_sampling_feeds_real_phases_early_in_stage_2_and_is_recorded(
+    cohort, tmp_path, monkeypatch
+):
+    masks = []  # (global step, teacher_mask) of every training rollout in stage 2
+    trainer = build_trainer(
+        cohort,
+        tmp_path,
+        tiny(preset("demo"), warmup_steps=1, optim_steps=4, val_every=5, scheduled_sampling=1.0),
+    )
+    original = trainer.teacher_inputs
+
+    def spy(targets, stage):
+        teacher, mask = original(targets, stage)
+        if not stage.teacher_forcing:
+            masks.append((trainer.step, mask))
+        return teacher, mask
+
+    monkeypatch.setattr(trainer, "teacher_inputs", spy)
+    trainer.fit()
+    assert [step for step, _ in masks] == [1, 2, 3, 4]
+    assert masks[0][1].all()  # probability 1 at the stage's first step
+    assert all(mask is not None and mask.shape == (2, 4) for _, mask in masks)
+    trainer.step = 3  # as --resume would find it: the same draws
+    _, redrawn = original(torch.zeros(2, 4, 1, 1, 1), trainer.stage_at(3))
+    assert torch.equal(redrawn, masks[2][1])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["scheduled_sampling"] == 1.0
+
+
+def test_scheduled_sampling_outside_0_to_1_is_refused():
+    with pytest.raises(ValueError, match="scheduled_sampling"):
+        tiny(preset("demo"), scheduled_sampling=1.5)
 
 
 # 4, 6 and 8 phases at different times, as collections such as MAMA-MIA mix them.

@@ -285,6 +285,13 @@ def train(
             "(referenced to the pre-contrast phase)."
         ),
     ] = None,
+    scheduled_sampling: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of stage 2 over which the rollout's inputs go from the real phases "
+            "to the model's own (0: free-running from its first step, the presets')."
+        ),
+    ] = None,
 ) -> None:
     """Train iterU-Net (two stages), the per-phase baseline or the regression model."""
     from dcesynth import pipeline
@@ -298,6 +305,7 @@ def train(
         seed=seed,
         amp=amp,
         normalisation=normalisation,
+        scheduled_sampling=scheduled_sampling,
     )
     pipeline.train(
         data,

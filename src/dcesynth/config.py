@@ -69,6 +69,10 @@ class TrainConfig:
         roi_patch: each case also gives the patch anywhere in the ROI (the paper's).
         warmup_steps: stage 1, teacher forcing (real phase k in, k+1 out).
         optim_steps: stage 2, free-running rollout from the warm-up weights.
+        scheduled_sampling: fraction of stage 2 over which each rollout step's input
+            goes from the real phase to the model's own prediction, per sample with a
+            probability falling linearly from 1 to 0 (scheduled sampling, Bengio et al.
+            2015); 0 = fully free-running from the first stage-2 step, as the paper.
         lr, weight_decay: AdamW.
         enhancement_mask: weight prediction and target by sqrt(|last - first post|)
             in stage 2, as the reference code does.
@@ -90,6 +94,7 @@ class TrainConfig:
     roi_patch: bool = True
     warmup_steps: int = 3200
     optim_steps: int = 3200
+    scheduled_sampling: float = 0.0
     lr: float = 1e-4
     weight_decay: float = 1e-3
     enhancement_mask: bool = True
@@ -100,6 +105,12 @@ class TrainConfig:
     lesion_offset: float = 0.0
     workers: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scheduled_sampling <= 1.0:
+            raise ValueError(
+                f"train.scheduled_sampling must be in [0, 1], got {self.scheduled_sampling}"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -232,6 +243,7 @@ def preset(
     seed: int | None = None,
     amp: bool | None = None,
     normalisation: str | None = None,
+    scheduled_sampling: float | None = None,
 ) -> RunConfig:
     """The named preset with the command line's model choice, ablations and overrides applied.
 
@@ -244,6 +256,7 @@ def preset(
         amp: replaces the preset's bf16 autocast setting when given.
         normalisation: replaces the preset's input normalisation when given (a value of
             ``NORMALISATIONS``).
+        scheduled_sampling: replaces the preset's ``TrainConfig.scheduled_sampling``.
     """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -254,13 +267,25 @@ def preset(
             f"--normalisation: unknown normalisation {normalisation!r}; "
             f"choose {', '.join(NORMALISATIONS)}"
         )
+    if scheduled_sampling is not None and not 0.0 <= scheduled_sampling <= 1.0:
+        raise InputError(
+            f"--scheduled-sampling: a share of stage 2 from 0 to 1, got {scheduled_sampling}"
+        )
     base = PRESETS[name]
     train = base.train
     if not warmup or model == "baseline":
         # Without warm-up the optimisation stage gets the whole budget; the baseline has
         # no feedback loop, so its single stage is the whole budget too.
         train = dataclasses.replace(train, warmup_steps=0, optim_steps=train.total_steps)
-    overrides = {key: value for key, value in (("seed", seed), ("amp", amp)) if value is not None}
+    overrides = {
+        key: value
+        for key, value in (
+            ("seed", seed),
+            ("amp", amp),
+            ("scheduled_sampling", scheduled_sampling),
+        )
+        if value is not None
+    }
     train = dataclasses.replace(train, **overrides)
     model_config = dataclasses.replace(
         base.model,

@@ -36,6 +36,7 @@ class PhaseModel(nn.Module):
         observed: torch.Tensor,
         times_s: torch.Tensor,
         teacher: torch.Tensor | None = None,
+        teacher_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the phases at the target times.
 
@@ -45,6 +46,8 @@ class PhaseModel(nn.Module):
             times_s: `(B, T_obs + K)` times of the observed then the K target phases,
                 seconds after injection.
             teacher: `(B, K, X, Y, Z)` real target phases for teacher forcing, or None.
+            teacher_mask: `(B, K)` bool, which of `teacher`'s phases are fed (scheduled
+                sampling: the model's own prediction goes in where False); None feeds all.
 
         Returns:
             `(B, K, X, Y, Z)` predictions, one per target time.
@@ -53,18 +56,18 @@ class PhaseModel(nn.Module):
             ValueError: shapes disagree, the model does not serve the protocol, or a
                 spatial axis is not divisible by 16.
         """
-        n_targets = check_protocol_args(pre, observed, times_s, teacher)
+        n_targets = check_protocol_args(pre, observed, times_s, teacher, teacher_mask)
         try:
             self.check_protocol(observed.shape[1], n_targets)
         except ValueError as exc:
             raise ValueError(f"times_s: {exc}") from None
-        return self.rollout(pre, observed, times_s, teacher)
+        return self.rollout(pre, observed, times_s, teacher, teacher_mask)
 
     def check_protocol(self, n_observed: int, n_targets: int) -> None:
         """Raise ValueError unless the model predicts `n_targets` phases after `n_observed`."""
         raise NotImplementedError
 
-    def rollout(self, pre, observed, times_s, teacher):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None):
         """`forward` after its checks; the same arguments and result."""
         raise NotImplementedError
 
@@ -112,7 +115,7 @@ class IterUNet(PhaseModel):
             norm=norm,
         )
 
-    def rollout(self, pre, observed, times_s, teacher):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None):
         """Predict every target phase in order, starting from the last observed phase.
 
         With several observed phases, the earlier ones only warm up the ConvLSTM state, so
@@ -121,7 +124,9 @@ class IterUNet(PhaseModel):
         (teacher forcing: every step's input is known in advance, so all steps run as one
         batch through the U-Net, the ConvLSTM stepping through them in order);
         `teacher[:, k]` is the input of the step to target `k + 1`, so the last one is
-        never fed. Arguments and result as `PhaseModel.forward`.
+        never fed. With `teacher_mask` the steps run in order, each sample's input being
+        its real phase where the mask is True and its own prediction elsewhere (scheduled
+        sampling). Arguments and result as `PhaseModel.forward`.
         """
         n_observed = observed.shape[1]
         n_targets = times_s.shape[1] - n_observed
@@ -131,7 +136,7 @@ class IterUNet(PhaseModel):
         current = observed[:, -1:]
         input_times_s = times_s[:, n_observed - 1 : -1]
         target_times_s = times_s[:, n_observed:]
-        if teacher is not None:
+        if teacher is not None and teacher_mask is None:
             inputs = torch.cat([current, teacher[:, :-1]], dim=1)
             x = torch.cat([torch.cat([pre, phase], 1) for phase in inputs.split(1, 1)])
             embedding = self._embed(input_times_s.T.flatten(), target_times_s.T.flatten())
@@ -139,6 +144,9 @@ class IterUNet(PhaseModel):
             return inputs + torch.cat(deltas.chunk(n_targets), dim=1)
         predictions = []
         for step in range(n_targets):
+            if teacher is not None and step > 0:
+                fed = teacher_mask[:, step - 1].view(-1, *[1] * (current.ndim - 1))
+                current = torch.where(fed, teacher[:, step - 1 : step], current)
             embedding = self._embed(input_times_s[:, step], target_times_s[:, step])
             delta, state = self.unet(torch.cat([pre, current], dim=1), embedding, state)
             current = current + delta
@@ -165,7 +173,7 @@ class BaselineUNet(PhaseModel):
     Target `k` is predicted directly from the pre-contrast image and the first observed
     phase, as that phase plus the U-Net output (the same output-level residual as
     iterU-Net). It takes iterU-Net's arguments, so training and prediction treat both
-    models alike; times and `teacher` are ignored.
+    models alike; times, `teacher` and `teacher_mask` are ignored.
 
     Args:
         n_targets: number of target phases, one U-Net each.
@@ -191,10 +199,10 @@ class BaselineUNet(PhaseModel):
             UNet3D(in_channels, 1, features, act=act, norm=norm) for _ in range(n_targets)
         )
 
-    def rollout(self, pre, observed, times_s, teacher):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None):
         """Predict the phases after the observed ones, each from `pre` and the first one:
-        the last K of the `n_targets` phases after `observed[:, 0]`. Times and `teacher`
-        are not used. Arguments and result as `PhaseModel.forward`."""
+        the last K of the `n_targets` phases after `observed[:, 0]`. Times, `teacher` and
+        `teacher_mask` are not used. Arguments and result as `PhaseModel.forward`."""
         n_targets = times_s.shape[1] - observed.shape[1]
         first = observed[:, :1]
         x = torch.cat([pre, first], dim=1)
@@ -240,6 +248,7 @@ def check_protocol_args(
     observed: torch.Tensor,
     times_s: torch.Tensor,
     teacher: torch.Tensor | None,
+    teacher_mask: torch.Tensor | None = None,
 ) -> int:
     """The number K of target phases; ValueError unless the model arguments agree in shape."""
     if pre.ndim != 5:
@@ -263,5 +272,15 @@ def check_protocol_args(
         raise ValueError(
             f"teacher: expected shape {(batch, n_targets, *spatial)} (one phase per target "
             f"time), got {tuple(teacher.shape)}"
+        )
+    if teacher_mask is not None and (
+        teacher is None
+        or teacher_mask.dtype != torch.bool
+        or tuple(teacher_mask.shape) != (batch, n_targets)
+    ):
+        raise ValueError(
+            f"teacher_mask: expected a bool tensor of shape {(batch, n_targets)} beside "
+            f"teacher, got {teacher_mask.dtype} {tuple(teacher_mask.shape)}"
+            + ("" if teacher is not None else " without teacher")
         )
     return n_targets

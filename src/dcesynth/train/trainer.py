@@ -103,6 +103,19 @@ def stages(config: RunConfig) -> list[Stage]:
     return out
 
 
+def teacher_probability(train: TrainConfig, stage: Stage, step: int) -> float:
+    """Probability that a rollout step of global step ``step`` is fed the real phase.
+
+    1 in teacher forcing; in the free-running stage it falls linearly from 1 to 0 over the
+    stage's first ``train.scheduled_sampling`` fraction, and is 0 after it (or throughout
+    when that fraction is 0).
+    """
+    if stage.teacher_forcing:
+        return 1.0
+    span = train.scheduled_sampling * (stage.stop - stage.start)
+    return max(0.0, 1.0 - (step - stage.start) / span) if span > 0 else 0.0
+
+
 def select_device() -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -241,12 +254,14 @@ class Trainer:
         context = batch["context"].to(self.device, non_blocking=True)
         times_s = batch["times_s"].to(self.device)
         targets = phases[:, 2:]
+        teacher, teacher_mask = self.teacher_inputs(targets, stage)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             preds = self.net(
                 torch.cat([phases[:, :1], context], dim=1),
                 phases[:, 1:2],
                 times_s[:, 1:],
-                teacher=targets if stage.teacher_forcing else None,
+                teacher=teacher,
+                teacher_mask=teacher_mask,
             )
         weight = (
             enhancement_weight(phases[:, 1:2], phases[:, -1:]) if stage.enhancement_mask else None
@@ -265,6 +280,19 @@ class Trainer:
             log.warning("step %d: non-finite gradients, update skipped", self.step)
         self.scheduler.step()
         return terms
+
+    def teacher_inputs(self, targets: torch.Tensor, stage: Stage):
+        """``(teacher, teacher_mask)`` for the model: the real phases and which of them go
+        in, drawn per sample with ``teacher_probability`` from a generator seeded by the
+        seed and step (so ``--resume`` draws the same)."""
+        if stage.teacher_forcing:
+            return targets, None
+        probability = teacher_probability(self.config.train, stage, self.step)
+        if probability == 0.0:
+            return None, None
+        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.step)
+        draws = torch.rand(targets.shape[:2], generator=generator)
+        return targets, (draws < probability).to(targets.device)
 
     def fit(self, max_steps: int | None = None, on_step=None) -> dict[str, float]:
         """Train until the schedule ends or ``max_steps`` steps in total are done.
