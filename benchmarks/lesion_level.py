@@ -1,0 +1,190 @@
+"""How much of a lesion's late enhancement its pre and 1dyn images determine.
+
+Ridge regressions on lesion-level numbers computed from pre and 1dyn alone predict each
+later phase's lesion mean (as a change from 1dyn, in TI units); they are scored as
+`evaluate` scores a model: the last phase's lesion enhancement error as a ratio to
+copy-forward's (95 % case-bootstrap interval), curve-type agreement and SCC of the
+lesion curves. Each predictor adds one group of numbers to the one before:
+
+- ``ti_means``: the lesion's mean pre, 1dyn and enhancement in TI units, what a voxel
+  of a TI-normalised network input shows at the lesion;
+- ``relative_enhancement``: mean, 10th/50th/90th percentile and spread of the lesion's
+  relative enhancement (S1 - S0) / S0, which TI-norm hides;
+- ``shape``: log volume, the share of voxels on its boundary, rim minus core relative
+  enhancement;
+- ``context``: the ROI's mean enhancement (TI units) and median relative enhancement, and
+  the relative enhancement of a 2-voxel shell around the lesion.
+
+The last predictor (all groups) is an estimate of what a model that sees pre and 1dyn
+can reach on the test cohort; ``ti_means`` alone, of what is left without the rest.
+
+Usage:
+    python benchmarks/lesion_level.py TRAIN TEST [--out FILE.json]
+        TRAIN, TEST: folders of cases of one protocol (e.g. `dcesynth simulate`'s)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from dcesynth import metrics
+from dcesynth.case import Case, find_cases, load_case
+from dcesynth.data.tinorm import fit_case_norm, relative_enhancement
+from dcesynth.io import InputError, atomic_write_json
+from dcesynth.kinetics import curve_type_codes, lesion_labels, lesion_mean_curve
+from dcesynth.stats import bootstrap_ci, paired_comparison, resample_counts
+
+FEATURE_GROUPS = {
+    "ti_means": ("pre", "post", "enhancement"),
+    "relative_enhancement": ("re_mean", "re_p10", "re_p50", "re_p90", "re_std"),
+    "shape": ("log_volume", "boundary_share", "rim_minus_core_re"),
+    "context": ("roi_enhancement", "roi_re_median", "shell_re"),
+}
+FEATURES = tuple(name for group in FEATURE_GROUPS.values() for name in group)
+ALPHAS = np.logspace(-2, 3, 11)
+"""Ridge penalties on the standardised features, chosen per target by leave-one-out."""
+
+
+class Lesions:
+    """Every lesion of a cohort: features (L, F), targets (L, K), signal curves (L, T)."""
+
+    def __init__(self, data_dir: Path):
+        rows = [row for folder in find_cases(data_dir) for row in case_lesions(load_case(folder))]
+        if not rows:
+            raise InputError(f"{data_dir}: no lesion in any case")
+        times = {tuple(row["times_s"]) for row in rows}
+        if len(times) > 1 or len(next(iter(times))) < 3:
+            raise InputError(f"{data_dir}: cases must share one protocol with a phase after 1dyn")
+        self.times_s = np.array(rows[0]["times_s"])
+        self.cases = np.unique([row["case"] for row in rows], return_inverse=True)[1]
+        self.features = np.array([row["features"] for row in rows])
+        self.curves = np.array([row["curve"] for row in rows])
+        self.scale = np.array([row["scale"] for row in rows])
+        # Targets: later phases' lesion means minus 1dyn's, TI units.
+        self.targets = (self.curves[:, 2:] - self.curves[:, [1]]) / self.scale[:, None]
+
+
+def case_lesions(case: Case) -> list[dict]:
+    """One row per lesion of ``case``: its features (``FEATURES``), signal curve, TI scale."""
+    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+    pre, post = norm.forward(case.phases[0]), norm.forward(case.phases[1])
+    relative = relative_enhancement(case.phases[0], case.phases[1])
+    roi = case.roi > 0
+    context = [float((post - pre)[roi].mean()), float(np.median(relative[roi]))]
+    rows = []
+    for label in lesion_labels(case.seg):
+        lesion = case.seg == label
+        core = ndimage.binary_erosion(lesion)
+        rim = lesion & ~core
+        shell = ndimage.binary_dilation(lesion, iterations=2) & ~lesion & roi
+        values = relative[lesion]
+        core_mean = relative[core].mean() if core.any() else values.mean()
+        features = [
+            pre[lesion].mean(),
+            post[lesion].mean(),
+            (post - pre)[lesion].mean(),
+            values.mean(),
+            *np.percentile(values, [10, 50, 90]),
+            values.std(),
+            np.log(lesion.sum()),
+            rim.sum() / lesion.sum(),
+            relative[rim].mean() - core_mean,
+            *context,
+            relative[shell].mean() if shell.any() else context[1],
+        ]
+        rows.append(
+            {
+                "case": case.case_id,
+                "times_s": [float(t) for t in case.times_s],
+                "features": [float(v) for v in features],
+                "curve": lesion_mean_curve(case.phases, case.seg, label).tolist(),
+                "scale": norm.std,
+            }
+        )
+    return rows
+
+
+def predict_changes(train: Lesions, test: Lesions, columns: list[int]) -> np.ndarray:
+    """(L_test, K) predicted change from 1dyn of each later phase, TI units."""
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS, alpha_per_target=True))
+    return model.fit(train.features[:, columns], train.targets).predict(test.features[:, columns])
+
+
+def score(test: Lesions, changes: np.ndarray, counts: np.ndarray) -> dict:
+    """A predictor's row: last-phase error ratio to copy-forward, agreement, SCC, intervals."""
+    curves = test.curves.copy()
+    curves[:, 2:] = test.curves[:, [1]] + changes * test.scale[:, None]
+    error = (changes[:, -1] - test.targets[:, -1]) ** 2
+    copy_error = test.targets[:, -1] ** 2
+    paired = paired_comparison(error, copy_error, test.cases, counts, ratio=True)
+    agree = curve_type_codes(curves, test.times_s) == curve_type_codes(test.curves, test.times_s)
+    scc = np.array(
+        [metrics.spearman(real, ours) for real, ours in zip(test.curves, curves, strict=True)]
+    )
+    return {
+        "enh_error_last": float(error.mean()),
+        "ratio_to_copy": paired["ratio"],
+        "ratio_to_copy_ci95": paired["ratio_ci95"],
+        "agreement": float(agree.mean()),
+        "agreement_ci95": bootstrap_ci(agree.astype(float), test.cases),
+        "scc": float(scc.mean()),
+        "scc_ci95": bootstrap_ci(scc, test.cases),
+    }
+
+
+def compare(train: Lesions, test: Lesions, seed: int = 0) -> dict[str, dict]:
+    """``copy-1dyn`` and one ridge predictor per cumulative feature group, scored on ``test``."""
+    if not np.array_equal(train.times_s, test.times_s):
+        raise InputError(
+            f"training protocol {train.times_s.tolist()} s differs from the test's "
+            f"{test.times_s.tolist()} s"
+        )
+    counts = resample_counts(int(test.cases.max()) + 1, seed=seed)
+    rows = {"copy-1dyn": score(test, np.zeros_like(test.targets), counts)}
+    names: list[str] = []
+    for group, features in FEATURE_GROUPS.items():
+        names += features
+        columns = [FEATURES.index(name) for name in names]
+        label = group if len(names) == len(features) else f"+ {group}"
+        rows[label] = score(test, predict_changes(train, test, columns), counts)
+    return rows
+
+
+def table(rows: dict[str, dict], test: Lesions) -> str:
+    """The rows as plain text, one line per predictor."""
+    n_cases = int(test.cases.max()) + 1
+    lines = [
+        f"{len(test.cases)} test lesions in {n_cases} cases",
+        f"{'predictor':<24} {'x copy at last phase':<22} {'type agr.':<18} SCC",
+    ]
+    for name, row in rows.items():
+        ratio = f"{row['ratio_to_copy']:.2f} [{row['ratio_to_copy_ci95'][0]:.2f}, "
+        ratio += f"{row['ratio_to_copy_ci95'][1]:.2f}]"
+        agreement = f"{row['agreement']:.2f} [{row['agreement_ci95'][0]:.2f}, "
+        agreement += f"{row['agreement_ci95'][1]:.2f}]"
+        lines.append(f"{name:<24} {ratio:<22} {agreement:<18} {row['scc']:.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("train", type=Path)
+    parser.add_argument("test", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    train, test = Lesions(args.train), Lesions(args.test)
+    rows = compare(train, test)
+    if args.out:
+        atomic_write_json(args.out, rows)
+    print(table(rows, test))
+
+
+if __name__ == "__main__":
+    main()

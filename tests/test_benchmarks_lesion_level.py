@@ -1,0 +1,106 @@
+"""benchmarks/lesion_level.py: lesion features on known answers, the ridge predictors scored."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcesynth.case import Case, save_case
+from dcesynth.io import InputError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lesion_level.py"
+SPEC = importlib.util.spec_from_file_location("lesion_level", SCRIPT)
+lesion_level = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(lesion_level)
+
+TIMES_S = [0.0, 85.0, 155.0, 225.0]
+LATE_SLOPE = -0.3
+"""Every later phase's lesion signal falls by this share of the lesion's S1 - S0 per phase."""
+
+
+def cube_case(case_id: str, lesion_re: float, rng: np.random.Generator, times_s=TIMES_S) -> Case:
+    """A 12x12x8 case: noisy ROI tissue enhancing 10 %, a 3x3x3 lesion of pre 100 and
+    relative enhancement ``lesion_re``, washing out in proportion to its enhancement."""
+    shape = (12, 12, 8)
+    roi = np.zeros(shape, np.uint8)
+    roi[1:11, 1:11, 1:7] = 1
+    seg = np.zeros(shape, np.int16)
+    seg[5:8, 5:8, 3:6] = 1
+    pre = np.where(roi > 0, 100.0 + rng.normal(0, 5, shape), 10.0)
+    post = np.where(roi > 0, pre * 1.1, pre)
+    pre[seg > 0] = 100.0
+    post[seg > 0] = 100.0 * (1 + lesion_re)
+    phases = [pre, post]
+    for step in range(1, len(times_s) - 1):
+        late = post.copy()
+        late[seg > 0] += LATE_SLOPE * step * (post - pre)[seg > 0]
+        phases.append(late)
+    return Case(case_id, np.stack(phases).astype(np.float32), list(times_s), seg, roi, np.eye(4))
+
+
+def cohort(folder: Path, n_cases: int, seed: int, times_s=TIMES_S) -> Path:
+    rng = np.random.default_rng(seed)
+    for index in range(n_cases):
+        save_case(cube_case(f"case_{index:02d}", rng.uniform(0.5, 1.5), rng, times_s), folder)
+    return folder
+
+
+def test_features_of_a_uniform_cube_lesion(tmp_path):
+    case = cube_case("cube", 0.5, np.random.default_rng(0))
+    (row,) = lesion_level.case_lesions(case)
+    features = dict(zip(lesion_level.FEATURES, row["features"], strict=True))
+    assert features["re_mean"] == pytest.approx(0.5)
+    assert features["re_p10"] == features["re_p90"] == pytest.approx(0.5)
+    assert features["re_std"] == pytest.approx(0.0, abs=1e-6)
+    assert features["log_volume"] == pytest.approx(math.log(27))
+    assert features["boundary_share"] == pytest.approx(26 / 27)
+    assert features["rim_minus_core_re"] == pytest.approx(0.0, abs=1e-6)
+    assert features["shell_re"] == pytest.approx(0.1, abs=1e-5)
+    roi = case.roi > 0
+    mean, std = case.phases[1][roi].mean(), case.phases[1][roi].std()
+    assert features["post"] == pytest.approx((150.0 - mean) / std, rel=1e-4)
+    assert features["enhancement"] == pytest.approx(50.0 / std, rel=1e-4)
+    assert row["curve"] == pytest.approx([100.0, 150.0, 135.0, 120.0], rel=1e-5)
+
+
+def test_a_linear_late_change_is_recovered_and_copy_forward_scores_one(tmp_path):
+    train = lesion_level.Lesions(cohort(tmp_path / "train", 10, seed=1))
+    test = lesion_level.Lesions(cohort(tmp_path / "test", 5, seed=2))
+    rows = lesion_level.compare(train, test)
+    assert list(rows) == ["copy-1dyn", "ti_means", "+ relative_enhancement", "+ shape", "+ context"]
+    copy = rows["copy-1dyn"]
+    assert copy["ratio_to_copy"] == pytest.approx(1.0)
+    # The washout is -30 % and -60 % of S1 - S0 per phase: copy-forward calls it a plateau.
+    assert copy["agreement"] == 0.0
+    for name in list(rows)[1:]:
+        # The late change is a linear function of the lesion's enhancement in TI units.
+        assert rows[name]["ratio_to_copy"] < 0.05, name
+        assert rows[name]["agreement"] == 1.0
+        assert rows[name]["scc"] == pytest.approx(1.0)
+        low, high = rows[name]["ratio_to_copy_ci95"]
+        assert low <= rows[name]["ratio_to_copy"] <= high
+    text = lesion_level.table(rows, test)
+    assert text.splitlines()[0] == "5 test lesions in 5 cases"
+    assert "+ context" in text
+
+
+def test_cohorts_of_other_protocols_are_refused(tmp_path):
+    train = lesion_level.Lesions(cohort(tmp_path / "train", 3, seed=1))
+    other = lesion_level.Lesions(cohort(tmp_path / "test", 2, seed=2, times_s=[0, 60, 120, 180]))
+    with pytest.raises(InputError, match="differs from the test's"):
+        lesion_level.compare(train, other)
+
+
+def test_main_writes_the_rows_as_json(tmp_path, monkeypatch, capsys):
+    cohort(tmp_path / "train", 6, seed=3)
+    cohort(tmp_path / "test", 3, seed=4)
+    out = tmp_path / "rows.json"
+    argv = ["lesion_level.py", str(tmp_path / "train"), str(tmp_path / "test"), "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    lesion_level.main()
+    rows = json.loads(out.read_text())
+    assert rows["copy-1dyn"]["agreement"] == 0.0
+    assert "3 test lesions in 3 cases" in capsys.readouterr().out
