@@ -18,8 +18,13 @@ lesion curves. Each predictor adds one group of numbers to the one before:
 The last predictor (all groups) is an estimate of what a model that sees pre and 1dyn
 can reach on the test cohort; ``ti_means`` alone, of what is left without the rest.
 
+A trained model's predictions of TEST (``--pred NAME=DIR``, as `evaluate` takes them) are
+scored beside them, paired with the all-group ridge, and its residual at the last phase
+(real minus predicted lesion mean) is regressed on the lesion numbers: a cross-validated
+R^2 above 0 says what the model misses that the numbers hold.
+
 Usage:
-    python benchmarks/lesion_level.py TRAIN TEST [--out FILE.json]
+    python benchmarks/lesion_level.py TRAIN TEST [--pred NAME=DIR ...] [--out FILE.json]
         TRAIN, TEST: folders of cases of one protocol (e.g. `dcesynth simulate`'s)
 """
 
@@ -31,11 +36,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dcesynth import metrics
-from dcesynth.case import Case, find_cases, load_case
+from dcesynth.case import Case, find_cases, load_case, load_images
 from dcesynth.data.tinorm import fit_case_norm, relative_enhancement
 from dcesynth.io import InputError, atomic_write_json
 from dcesynth.kinetics import curve_type_codes, lesion_labels, lesion_mean_curve
@@ -50,13 +56,26 @@ FEATURE_GROUPS = {
 FEATURES = tuple(name for group in FEATURE_GROUPS.values() for name in group)
 ALPHAS = np.logspace(-2, 3, 11)
 """Ridge penalties on the standardised features, chosen per target by leave-one-out."""
+RESIDUAL_FOLDS = 10
+FIRST_PREDICTED = 2
 
 
 class Lesions:
-    """Every lesion of a cohort: features (L, F), targets (L, K), signal curves (L, T)."""
+    """Every lesion of a cohort: features (L, F), targets (L, K), signal curves (L, T), and
+    the curves of each model's predictions ``{name: (L, T)}``."""
 
-    def __init__(self, data_dir: Path):
-        rows = [row for folder in find_cases(data_dir) for row in case_lesions(load_case(folder))]
+    def __init__(self, data_dir: Path, predictions: dict[str, Path] | None = None):
+        predictions = predictions or {}
+        rows = []
+        for folder in find_cases(data_dir):
+            case = load_case(folder)
+            predicted = {name: predicted_series(case, pred) for name, pred in predictions.items()}
+            for row in case_lesions(case):
+                row["predicted"] = {
+                    name: lesion_mean_curve(series, case.seg, row["label"]).tolist()
+                    for name, series in predicted.items()
+                }
+                rows.append(row)
         if not rows:
             raise InputError(f"{data_dir}: no lesion in any case")
         times = {tuple(row["times_s"]) for row in rows}
@@ -67,6 +86,9 @@ class Lesions:
         self.features = np.array([row["features"] for row in rows])
         self.curves = np.array([row["curve"] for row in rows])
         self.scale = np.array([row["scale"] for row in rows])
+        self.predicted = {
+            name: np.array([row["predicted"][name] for row in rows]) for name in predictions
+        }
         # Targets: later phases' lesion means minus 1dyn's, TI units.
         self.targets = (self.curves[:, 2:] - self.curves[:, [1]]) / self.scale[:, None]
 
@@ -102,6 +124,7 @@ def case_lesions(case: Case) -> list[dict]:
         rows.append(
             {
                 "case": case.case_id,
+                "label": label,
                 "times_s": [float(t) for t in case.times_s],
                 "features": [float(v) for v in features],
                 "curve": lesion_mean_curve(case.phases, case.seg, label).tolist(),
@@ -109,6 +132,13 @@ def case_lesions(case: Case) -> list[dict]:
             }
         )
     return rows
+
+
+def predicted_series(case: Case, pred_dir: Path) -> np.ndarray:
+    """(T, X, Y, Z) signal: pre and 1dyn of ``case``, then ``pred_dir/CASE/{k}dyn.nii.gz``."""
+    names = case.phase_names[FIRST_PREDICTED:]
+    images, _ = load_images(Path(pred_dir) / case.case_id, names, case.shape, case.affine)
+    return np.concatenate([case.phases[:FIRST_PREDICTED], np.stack(images)])
 
 
 def predict_changes(train: Lesions, test: Lesions, columns: list[int]) -> np.ndarray:
@@ -139,8 +169,20 @@ def score(test: Lesions, changes: np.ndarray, counts: np.ndarray) -> dict:
     }
 
 
+def residual_r2(features: np.ndarray, residual: np.ndarray, seed: int = 0) -> float | None:
+    """Cross-validated R^2 of a ridge from lesion features (L, F) to residuals (L,); None
+    when the residuals do not vary (nothing to explain)."""
+    if np.ptp(residual) == 0:
+        return None
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
+    folds = KFold(min(RESIDUAL_FOLDS, len(residual)), shuffle=True, random_state=seed)
+    fitted = cross_val_predict(model, features, residual, cv=folds)
+    return float(1.0 - np.mean((residual - fitted) ** 2) / np.var(residual))
+
+
 def compare(train: Lesions, test: Lesions, seed: int = 0) -> dict[str, dict]:
-    """``copy-1dyn`` and one ridge predictor per cumulative feature group, scored on ``test``."""
+    """``copy-1dyn``, one ridge predictor per cumulative feature group and each model of
+    ``test.predicted``, scored on ``test``; models also against the last ridge."""
     if not np.array_equal(train.times_s, test.times_s):
         raise InputError(
             f"training protocol {train.times_s.tolist()} s differs from the test's "
@@ -153,7 +195,19 @@ def compare(train: Lesions, test: Lesions, seed: int = 0) -> dict[str, dict]:
         names += features
         columns = [FEATURES.index(name) for name in names]
         label = group if len(names) == len(features) else f"+ {group}"
-        rows[label] = score(test, predict_changes(train, test, columns), counts)
+        changes = predict_changes(train, test, columns)
+        rows[label] = score(test, changes, counts)
+    ridge_error = (changes[:, -1] - test.targets[:, -1]) ** 2
+    for name, curves in test.predicted.items():
+        changes = (curves[:, FIRST_PREDICTED:] - test.curves[:, [1]]) / test.scale[:, None]
+        error = (changes[:, -1] - test.targets[:, -1]) ** 2
+        against = paired_comparison(error, ridge_error, test.cases, counts, ratio=True)
+        rows[name] = {
+            **score(test, changes, counts),
+            "ratio_to_ridge": against["ratio"],
+            "ratio_to_ridge_ci95": against["ratio_ci95"],
+            "residual_r2": residual_r2(test.features, test.targets[:, -1] - changes[:, -1], seed),
+        }
     return rows
 
 
@@ -170,6 +224,14 @@ def table(rows: dict[str, dict], test: Lesions) -> str:
         agreement = f"{row['agreement']:.2f} [{row['agreement_ci95'][0]:.2f}, "
         agreement += f"{row['agreement_ci95'][1]:.2f}]"
         lines.append(f"{name:<24} {ratio:<22} {agreement:<18} {row['scc']:.3f}")
+    for name, row in rows.items():
+        if "ratio_to_ridge" in row:
+            low, high = row["ratio_to_ridge_ci95"]
+            r2 = "-" if row["residual_r2"] is None else f"{row['residual_r2']:.2f}"
+            lines.append(
+                f"{name}: error {row['ratio_to_ridge']:.2f}x the last ridge's [{low:.2f}, "
+                f"{high:.2f}]; residual R^2 on the lesion numbers {r2}"
+            )
     return "\n".join(lines)
 
 
@@ -177,9 +239,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train", type=Path)
     parser.add_argument("test", type=Path)
+    parser.add_argument(
+        "--pred", action="append", default=[], metavar="NAME=DIR", help="a model's predictions"
+    )
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
-    train, test = Lesions(args.train), Lesions(args.test)
+    predictions = {}
+    for item in args.pred:
+        name, _, folder = item.partition("=")
+        if not name or not folder:
+            parser.error(f"--pred: expected NAME=DIR, got {item!r}")
+        predictions[name] = Path(folder)
+    train, test = Lesions(args.train), Lesions(args.test, predictions)
     rows = compare(train, test)
     if args.out:
         atomic_write_json(args.out, rows)

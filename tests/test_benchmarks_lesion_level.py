@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcesynth.case import Case, save_case
-from dcesynth.io import InputError
+from dcesynth.case import Case, load_case, save_case
+from dcesynth.io import InputError, save_nifti
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lesion_level.py"
 SPEC = importlib.util.spec_from_file_location("lesion_level", SCRIPT)
@@ -85,6 +85,31 @@ def test_a_linear_late_change_is_recovered_and_copy_forward_scores_one(tmp_path)
     text = lesion_level.table(rows, test)
     assert text.splitlines()[0] == "5 test lesions in 5 cases"
     assert "+ context" in text
+
+
+def write_copy_forward(data: Path, out: Path) -> Path:
+    """Predictions that copy each case's 1dyn into every later phase."""
+    for folder in sorted(data.iterdir()):
+        case = load_case(folder)
+        (out / case.case_id).mkdir(parents=True)
+        for name in case.phase_names[2:]:
+            save_nifti(out / case.case_id / f"{name}.nii.gz", case.phases[1], case.affine)
+    return out
+
+
+def test_a_model_that_misses_what_the_numbers_hold_has_a_residual_they_explain(tmp_path):
+    train = lesion_level.Lesions(cohort(tmp_path / "train", 10, seed=1))
+    data = cohort(tmp_path / "test", 12, seed=2)
+    copy_dir = write_copy_forward(data, tmp_path / "copy")
+    test = lesion_level.Lesions(data, {"copy": copy_dir})
+    rows = lesion_level.compare(train, test)
+    copy, model = rows["copy-1dyn"], rows["copy"]
+    for key in ("ratio_to_copy", "agreement", "scc", "enh_error_last"):
+        assert model[key] == pytest.approx(copy[key]), key
+    # Its residual is the late change itself, linear in the lesion's enhancement.
+    assert model["residual_r2"] > 0.95
+    assert model["ratio_to_ridge"] > 20
+    assert "copy: error" in lesion_level.table(rows, test)
 
 
 def test_cohorts_of_other_protocols_are_refused(tmp_path):
