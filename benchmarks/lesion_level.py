@@ -31,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ from dcesynth.case import Case, find_cases, load_case, load_images
 from dcesynth.data.tinorm import fit_case_norm, relative_enhancement
 from dcesynth.io import InputError, atomic_write_json
 from dcesynth.kinetics import curve_type_codes, lesion_labels, lesion_mean_curve
+from dcesynth.scoring import FIRST_PREDICTED
 from dcesynth.stats import bootstrap_ci, paired_comparison, resample_counts
 
 FEATURE_GROUPS = {
@@ -57,7 +59,6 @@ FEATURES = tuple(name for group in FEATURE_GROUPS.values() for name in group)
 ALPHAS = np.logspace(-2, 3, 11)
 """Ridge penalties on the standardised features, chosen per target by leave-one-out."""
 RESIDUAL_FOLDS = 10
-FIRST_PREDICTED = 2
 
 
 class Lesions:
@@ -245,13 +246,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     predictions = {}
+    reserved = {"copy-1dyn", *FEATURE_GROUPS, *(f"+ {group}" for group in FEATURE_GROUPS)}
     for item in args.pred:
         name, _, folder = item.partition("=")
-        if not name or not folder:
-            parser.error(f"--pred: expected NAME=DIR, got {item!r}")
+        if not name or not folder or name in reserved:
+            parser.error(f"--pred: expected NAME=DIR with a name of a model, got {item!r}")
         predictions[name] = Path(folder)
-    train, test = Lesions(args.train), Lesions(args.test, predictions)
-    rows = compare(train, test)
+    try:
+        train, test = Lesions(args.train), Lesions(args.test, predictions)
+        rows = compare(train, test)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if args.out:
         atomic_write_json(args.out, rows)
     print(table(rows, test))

@@ -129,3 +129,17 @@ def test_main_writes_the_rows_as_json(tmp_path, monkeypatch, capsys):
     rows = json.loads(out.read_text())
     assert rows["copy-1dyn"]["agreement"] == 0.0
     assert "3 test lesions in 3 cases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing folder", "reserved name"])
+def test_main_refuses_bad_input_with_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, case):
+    data = cohort(tmp_path / "train", 2, seed=3)
+    pred = "copy-1dyn=P" if case == "reserved name" else f"m={tmp_path / 'absent'}"
+    monkeypatch.setattr("sys.argv", ["lesion_level.py", str(data), str(data), "--pred", pred])
+    with pytest.raises(SystemExit) as exit_info:
+        lesion_level.main()
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "error:" in line
+    if case == "missing folder":
+        assert line.startswith("error: ") and "absent" in line
