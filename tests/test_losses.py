@@ -63,6 +63,14 @@ def test_constant_shift_gives_l1_equal_to_shift_times_weight():
     assert total.item() == pytest.approx(0.075, rel=1e-5)
 
 
+def test_terms_of_zero_weight_are_not_computed():
+    target = _volume(2)
+    _, terms = _pixel_only(l1=1.0, ssim=0.0, gdl=0.0)(_volume(5), target)
+    assert set(terms) == {"l1", "total"}
+    _, terms = _pixel_only(l1=1.0, ssim=0.5, gdl=0.0)(_volume(5), target)
+    assert set(terms) == {"l1", "ssim", "total"}
+
+
 def test_loss_is_summed_over_rollout_steps():
     target = _volume(3)
     loss = _pixel_only()

@@ -238,9 +238,9 @@ class CombinedLoss(nn.Module):
 
         Returns:
             ``(total, terms)``: the weighted sum over steps as a float32 scalar tensor, and the
-            unweighted terms summed over steps (``"l1"``, ``"ssim"`` as ``1 - SSIM``,
-            ``"gdl"``, ``"perceptual"`` and ``"lesion"`` only when computed) plus ``"total"``,
-            as floats.
+            unweighted terms summed over steps (``"l1"``; ``"ssim"`` as ``1 - SSIM``,
+            ``"gdl"``, ``"perceptual"`` and ``"lesion"`` only where their weight is above 0
+            and, for the perceptual term, a network is given) plus ``"total"``, as floats.
         """
         if preds.ndim != 5 or preds.shape != targets.shape or preds.shape[1] == 0:
             raise ValueError(
@@ -263,10 +263,14 @@ class CombinedLoss(nn.Module):
                 pred, target = pred * weight.float(), target * weight.float()
             with torch.autocast(device_type=pred.device.type, enabled=False):
                 sums["l1"] = sums["l1"] + F.l1_loss(pred, target)
-                sums["ssim"] = sums["ssim"] + ssim_loss(
-                    pred, target, self.ssim_window, memory_format=self.filter_memory_format
-                )
-                sums["gdl"] = sums["gdl"] + gradient_difference_loss(pred, target, self.gdl_alpha)
+                if "ssim" in sums:
+                    sums["ssim"] = sums["ssim"] + ssim_loss(
+                        pred, target, self.ssim_window, memory_format=self.filter_memory_format
+                    )
+                if "gdl" in sums:
+                    sums["gdl"] = sums["gdl"] + gradient_difference_loss(
+                        pred, target, self.gdl_alpha
+                    )
             if self.uses_perceptual:
                 sums["perceptual"] = sums["perceptual"] + perceptual_loss(
                     self.perceptual_net, pred, target
@@ -277,5 +281,10 @@ class CombinedLoss(nn.Module):
         return total, terms
 
     def _term_names(self) -> tuple[str, ...]:
-        optional = (("perceptual", self.uses_perceptual), ("lesion", self.weights.lesion > 0))
-        return ("l1", "ssim", "gdl", *(name for name, used in optional if used))
+        weighted = (
+            ("ssim", self.weights.ssim > 0),
+            ("gdl", self.weights.gdl > 0),
+            ("perceptual", self.uses_perceptual),
+            ("lesion", self.weights.lesion > 0),
+        )
+        return ("l1", *(name for name, used in weighted if used))
