@@ -21,7 +21,10 @@ can reach on the test cohort; ``ti_means`` alone, of what is left without the re
 A trained model's predictions of TEST (``--pred NAME=DIR``, as `evaluate` takes them) are
 scored beside them, paired with the all-group ridge, and its residual at the last phase
 (real minus predicted lesion mean) is regressed on the lesion numbers: a cross-validated
-R^2 above 0 says what the model misses that the numbers hold.
+R^2 above 0 says what the model misses that the numbers hold. Beside the lesions, each
+model's change of the parenchyma (the ROI's non-lesion voxels) from 1dyn to the last
+phase, a per-case mean in TI units, is compared with the real one across cases
+(correlation and root mean squared error).
 
 Usage:
     python benchmarks/lesion_level.py TRAIN TEST [--pred NAME=DIR ...] [--out FILE.json]
@@ -68,9 +71,14 @@ class Lesions:
     def __init__(self, data_dir: Path, predictions: dict[str, Path] | None = None):
         predictions = predictions or {}
         rows = []
+        real_parenchyma: list[float] = []
+        parenchyma: dict[str, list[float]] = {name: [] for name in predictions}
         for folder in find_cases(data_dir):
             case = load_case(folder)
             predicted = {name: predicted_series(case, pred) for name, pred in predictions.items()}
+            real_parenchyma.append(parenchyma_change(case, case.phases))
+            for name, series in predicted.items():
+                parenchyma[name].append(parenchyma_change(case, series))
             for row in case_lesions(case):
                 row["predicted"] = {
                     name: lesion_mean_curve(series, case.seg, row["label"]).tolist()
@@ -92,6 +100,31 @@ class Lesions:
         }
         # Targets: later phases' lesion means minus 1dyn's, TI units.
         self.targets = (self.curves[:, 2:] - self.curves[:, [1]]) / self.scale[:, None]
+        # Per case, the parenchyma's change from 1dyn to the last phase, TI units.
+        self.real_parenchyma = np.array(real_parenchyma)
+        self.parenchyma = {name: np.array(values) for name, values in parenchyma.items()}
+
+
+def parenchyma_change(case: Case, series: np.ndarray) -> float:
+    """Mean change from 1dyn to the last phase of ``series`` (T, X, Y, Z) over the ROI's
+    non-lesion voxels, in ``case``'s TI units; NaN where the ROI holds only lesion."""
+    parenchyma = (case.roi > 0) & (case.seg == 0)
+    if not parenchyma.any():
+        return float("nan")
+    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+    return float((series[-1] - series[1])[parenchyma].mean() / norm.std)
+
+
+def parenchyma_scores(real: np.ndarray, predicted: np.ndarray) -> dict[str, float | None]:
+    """Correlation across cases (None where either side is constant) and root mean
+    squared difference of per-case parenchyma changes ``(C,)``, NaNs left out."""
+    ok = np.isfinite(real) & np.isfinite(predicted)
+    real, predicted = real[ok], predicted[ok]
+    constant = len(real) < 2 or np.ptp(real) == 0 or np.ptp(predicted) == 0
+    return {
+        "parenchyma_r": None if constant else float(np.corrcoef(real, predicted)[0, 1]),
+        "parenchyma_rmse": float(np.sqrt(np.mean((predicted - real) ** 2))),
+    }
 
 
 def case_lesions(case: Case) -> list[dict]:
@@ -208,6 +241,7 @@ def compare(train: Lesions, test: Lesions, seed: int = 0) -> dict[str, dict]:
             "ratio_to_ridge": against["ratio"],
             "ratio_to_ridge_ci95": against["ratio_ci95"],
             "residual_r2": residual_r2(test.features, test.targets[:, -1] - changes[:, -1], seed),
+            **parenchyma_scores(test.real_parenchyma, test.parenchyma[name]),
         }
     return rows
 
@@ -229,9 +263,11 @@ def table(rows: dict[str, dict], test: Lesions) -> str:
         if "ratio_to_ridge" in row:
             low, high = row["ratio_to_ridge_ci95"]
             r2 = "-" if row["residual_r2"] is None else f"{row['residual_r2']:.2f}"
+            r = "-" if row["parenchyma_r"] is None else f"{row['parenchyma_r']:.2f}"
             lines.append(
                 f"{name}: error {row['ratio_to_ridge']:.2f}x the last ridge's [{low:.2f}, "
-                f"{high:.2f}]; residual R^2 on the lesion numbers {r2}"
+                f"{high:.2f}]; residual R^2 on the lesion numbers {r2}; parenchyma's change "
+                f"r {r}, RMSE {row['parenchyma_rmse']:.2f} TI units"
             )
     return "\n".join(lines)
 

@@ -109,7 +109,25 @@ def test_a_model_that_misses_what_the_numbers_hold_has_a_residual_they_explain(t
     # Its residual is the late change itself, linear in the lesion's enhancement.
     assert model["residual_r2"] > 0.95
     assert model["ratio_to_ridge"] > 20
+    # The cohort's parenchyma does not change after 1dyn: copy-forward gets it exactly.
+    assert model["parenchyma_rmse"] == pytest.approx(0.0, abs=1e-6)
+    assert model["parenchyma_r"] is None
     assert "copy: error" in lesion_level.table(rows, test)
+
+
+def test_parenchyma_change_is_in_ti_units_and_scored_across_cases():
+    case = cube_case("cube", 0.5, np.random.default_rng(0))
+    parenchyma = (case.roi > 0) & (case.seg == 0)
+    scale = case.phases[1][case.roi > 0].std()
+    series = case.phases.copy()
+    series[-1][parenchyma] += 2.0 * scale
+    assert lesion_level.parenchyma_change(case, case.phases) == pytest.approx(0.0, abs=1e-6)
+    assert lesion_level.parenchyma_change(case, series) == pytest.approx(2.0, rel=1e-4)
+    real = np.array([0.5, 1.0, 2.0, np.nan])
+    scores = lesion_level.parenchyma_scores(real, np.array([1.5, 2.0, 3.0, 1.0]))
+    assert scores["parenchyma_r"] == pytest.approx(1.0)
+    assert scores["parenchyma_rmse"] == pytest.approx(1.0)
+    assert lesion_level.parenchyma_scores(real, np.ones(4))["parenchyma_r"] is None
 
 
 def test_cohorts_of_other_protocols_are_refused(tmp_path):
