@@ -76,9 +76,10 @@ class Lesions:
         for folder in find_cases(data_dir):
             case = load_case(folder)
             predicted = {name: predicted_series(case, pred) for name, pred in predictions.items()}
-            real_parenchyma.append(parenchyma_change(case, case.phases))
-            for name, series in predicted.items():
-                parenchyma[name].append(parenchyma_change(case, series))
+            real, *models = parenchyma_changes(case, [case.phases, *predicted.values()])
+            real_parenchyma.append(real)
+            for name, change in zip(predicted, models, strict=True):
+                parenchyma[name].append(change)
             for row in case_lesions(case):
                 row["predicted"] = {
                     name: lesion_mean_curve(series, case.seg, row["label"]).tolist()
@@ -105,14 +106,15 @@ class Lesions:
         self.parenchyma = {name: np.array(values) for name, values in parenchyma.items()}
 
 
-def parenchyma_change(case: Case, series: np.ndarray) -> float:
-    """Mean change from 1dyn to the last phase of ``series`` (T, X, Y, Z) over the ROI's
-    non-lesion voxels, in ``case``'s TI units; NaN where the ROI holds only lesion."""
+def parenchyma_changes(case: Case, series: list[np.ndarray]) -> list[float]:
+    """Per series (T, X, Y, Z) of ``case``, the mean change from 1dyn to the last phase
+    over the ROI's non-lesion voxels, in the case's TI units; NaN where the ROI holds
+    only lesion."""
     parenchyma = (case.roi > 0) & (case.seg == 0)
     if not parenchyma.any():
-        return float("nan")
-    norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
-    return float((series[-1] - series[1])[parenchyma].mean() / norm.std)
+        return [float("nan")] * len(series)
+    scale = fit_case_norm(case.phases, case.roi, where=case.case_id).std
+    return [float((one[-1] - one[1])[parenchyma].mean() / scale) for one in series]
 
 
 def parenchyma_scores(real: np.ndarray, predicted: np.ndarray) -> dict[str, float | None]:

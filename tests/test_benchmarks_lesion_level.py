@@ -121,8 +121,9 @@ def test_parenchyma_change_is_in_ti_units_and_scored_across_cases():
     scale = case.phases[1][case.roi > 0].std()
     series = case.phases.copy()
     series[-1][parenchyma] += 2.0 * scale
-    assert lesion_level.parenchyma_change(case, case.phases) == pytest.approx(0.0, abs=1e-6)
-    assert lesion_level.parenchyma_change(case, series) == pytest.approx(2.0, rel=1e-4)
+    unchanged, shifted = lesion_level.parenchyma_changes(case, [case.phases, series])
+    assert unchanged == pytest.approx(0.0, abs=1e-6)
+    assert shifted == pytest.approx(2.0, rel=1e-4)
     real = np.array([0.5, 1.0, 2.0, np.nan])
     scores = lesion_level.parenchyma_scores(real, np.array([1.5, 2.0, 3.0, 1.0]))
     assert scores["parenchyma_r"] == pytest.approx(1.0)
