@@ -128,6 +128,7 @@ def test_parenchyma_change_is_in_ti_units_and_scored_across_cases():
     scores = lesion_level.parenchyma_scores(real, np.array([1.5, 2.0, 3.0, 1.0]))
     assert scores["parenchyma_r"] == pytest.approx(1.0)
     assert scores["parenchyma_rmse"] == pytest.approx(1.0)
+    assert scores["parenchyma_bias"] == pytest.approx(1.0)
     assert lesion_level.parenchyma_scores(real, np.ones(4))["parenchyma_r"] is None
 
 

@@ -50,9 +50,15 @@ def make_case(shape=(40, 36, 32), roi_box=(slice(4, 14), slice(4, 14), slice(0, 
 
 
 def make_run(
-    tmp_path, name="iterunet", n_targets=4, seed=0, relative_enhancement=False, normalisation="ti"
+    tmp_path,
+    name="iterunet",
+    n_targets=4,
+    seed=0,
+    relative_enhancement=False,
+    normalisation="ti",
+    case_features=False,
 ):
-    run_dir = tmp_path / f"run_{name}_{relative_enhancement}_{normalisation}"
+    run_dir = tmp_path / f"run_{name}_{relative_enhancement}_{normalisation}_{case_features}"
     (run_dir / "checkpoints").mkdir(parents=True)
     model_config = ModelConfig(
         name=name,
@@ -60,11 +66,19 @@ def make_run(
         temporal=name == "iterunet",
         relative_enhancement=relative_enhancement,
         normalisation=normalisation,
+        case_features=case_features,
     )
     config = RunConfig(preset="test", model=model_config, train=TrainConfig(patch=PATCH, amp=False))
     atomic_write_json(run_dir / "config.json", config.to_json())
     torch.manual_seed(seed)
-    model = build_model(name, FEATURES, name == "iterunet", n_targets, model_config.pre_channels)
+    model = build_model(
+        name,
+        FEATURES,
+        name == "iterunet",
+        n_targets,
+        model_config.pre_channels,
+        model_config.n_case_features,
+    )
     for module in model.modules():  # a visibly non-trivial output layer
         if hasattr(module, "final_conv"):
             torch.nn.init.normal_(module.final_conv.weight, std=0.5)
@@ -103,30 +117,34 @@ def test_prediction_files_keep_shape_and_affine(tmp_path, case_dir):
 
 
 @pytest.mark.parametrize("name", ["iterunet", "baseline"])
-def test_relative_enhancement_input_tells_what_ti_norm_cannot(tmp_path, name):
+def test_inputs_beside_ti_norm_tell_what_it_cannot(tmp_path, name):
     # Scaling and offsetting every phase alike leaves TI-normalised phases unchanged, so a
     # model on them alone predicts the same normalised output; the relative enhancement
     # (S1 - S0) / S0 changes with the offset, and a model given it predicts differently,
-    # as does a model whose inputs are referenced to the pre-contrast mean.
+    # as does a model whose inputs are referenced to the pre-contrast mean, and one
+    # conditioned on the breast's statistics (its 1dyn mean over spread changes too).
     case = make_case()
     shifted = Case(
         "case_b", case.phases * 0.5 + 40.0, case.times_s, case.seg, case.roi, case.affine
     )
+    variants = {
+        "plain": {},
+        "relative": {"relative_enhancement": True},
+        "pre": {"normalisation": "pre"},
+        "case_features": {"case_features": True},
+    }
     outputs = {}
-    for relative, normalisation in ((False, "ti"), (True, "ti"), (False, "pre")):
-        run_dir = make_run(
-            tmp_path, name, relative_enhancement=relative, normalisation=normalisation
-        )
-        run = load_run(run_dir, torch.device("cpu"))
-        outputs[relative, normalisation] = [
+    for variant, options in variants.items():
+        run = load_run(make_run(tmp_path, name, **options), torch.device("cpu"))
+        outputs[variant] = [
             (predict_case(run, c).phases[:, c.roi > 0] - c.phases[1][c.roi > 0].mean())
             / c.phases[1][c.roi > 0].std()
             for c in (case, shifted)
         ]
-    plain, relative, pre = outputs[False, "ti"], outputs[True, "ti"], outputs[False, "pre"]
+    plain = outputs.pop("plain")
     np.testing.assert_allclose(plain[0], plain[1], atol=2e-3)
-    assert np.abs(relative[0] - relative[1]).max() > 1e-2
-    assert np.abs(pre[0] - pre[1]).max() > 1e-2
+    for variant, (original, moved) in outputs.items():
+        assert np.abs(original - moved).max() > 1e-2, variant
 
 
 def test_predict_twice_gives_identical_files(tmp_path, case_dir):

@@ -12,7 +12,7 @@ from dcesynth.train.losses import (
     LossWeights,
     enhancement_weight,
     gradient_difference_loss,
-    lesion_mean_error,
+    region_mean_error,
     ssim_loss,
 )
 from dcesynth.train.perceptual import (
@@ -273,7 +273,7 @@ def test_lesion_term_is_the_squared_error_of_the_lesion_mean():
     pred[0][lesion[0]] += 0.5  # patch 0: lesion mean off by 0.5
     pred[1][lesion[1]] -= 1.0  # patch 1: off by 1.0; patch 2 holds no lesion
     pred[2] += 7.0
-    assert lesion_mean_error(pred, target, lesion).item() == pytest.approx((0.25 + 1.0) / 2)
+    assert region_mean_error(pred, target, lesion).item() == pytest.approx((0.25 + 1.0) / 2)
     loss = _pixel_only(l1=0.0, ssim=0.0, gdl=0.0, lesion=2.0)
     total, terms = loss(torch.cat([pred, pred], 1), torch.cat([target, target], 1), lesion=lesion)
     assert terms["lesion"] == pytest.approx(1.25, rel=1e-5)
@@ -283,7 +283,22 @@ def test_lesion_term_is_the_squared_error_of_the_lesion_mean():
 def test_lesion_term_is_zero_without_lesion_voxels_and_needs_masks():
     target = _volume(18)
     empty = torch.zeros(SHAPE, dtype=torch.bool)
-    assert lesion_mean_error(target + 3.0, target, empty).item() == 0.0
+    assert region_mean_error(target + 3.0, target, empty).item() == 0.0
     with pytest.raises(ValueError, match="lesion masks"):
         _pixel_only(lesion=1.0)(target, target)
     assert "lesion" not in _pixel_only()(target, target)[1]
+
+
+def test_parenchyma_term_is_the_region_error_over_the_roi_outside_lesions():
+    target = _volume(19).repeat(2, 1, 1, 1, 1)
+    parenchyma = torch.zeros(target.shape, dtype=torch.bool)
+    parenchyma[:, :, 2:10, 2:10, 2:6] = True
+    pred = target.clone()
+    pred[0][parenchyma[0]] += 1.5  # patch 0: parenchyma mean off by 1.5, patch 1 exact
+    loss = _pixel_only(l1=0.0, ssim=0.0, gdl=0.0, parenchyma=3.0)
+    total, terms = loss(pred, target, parenchyma=parenchyma)
+    assert terms["parenchyma"] == pytest.approx(2.25 / 2, rel=1e-5)
+    assert total.item() == pytest.approx(3.0 * 2.25 / 2, rel=1e-5)
+    assert "parenchyma" not in _pixel_only()(target, target)[1]
+    with pytest.raises(ValueError, match="ROI masks"):
+        loss(pred, target)

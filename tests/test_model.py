@@ -31,9 +31,10 @@ def with_random_output(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def small_iterunet(temporal: bool = True) -> IterUNet:
+def small_iterunet(temporal: bool = True, n_case_features: int = 0) -> IterUNet:
     torch.manual_seed(0)
-    return with_random_output(IterUNet(features=SMALL_FEATURES, temporal=temporal)).eval()
+    model = IterUNet(features=SMALL_FEATURES, temporal=temporal, n_case_features=n_case_features)
+    return with_random_output(model).eval()
 
 
 def phases(count: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
@@ -194,12 +195,15 @@ def test_sinusoidal_encoding_separates_every_second_from_0_to_600_s():
     assert distances.min() > 0.5
 
 
-@pytest.mark.parametrize("temporal", [True, False])
+@pytest.mark.parametrize(("temporal", "n_case_features"), [(True, 0), (False, 0), (True, 3)])
 @pytest.mark.parametrize("n_observed", [1, 2])
-def test_teacher_forcing_equals_stepping_with_the_real_phases(temporal, n_observed):
+def test_teacher_forcing_equals_stepping_with_the_real_phases(
+    temporal, n_case_features, n_observed
+):
     """A teacher-forced rollout (all steps in one batch) is a free-running rollout of one
     step at a time fed the real phases: the same values and gradients."""
-    model = small_iterunet(temporal)
+    model = small_iterunet(temporal, n_case_features)
+    statistics = torch.randn(SHAPE[0], n_case_features) if n_case_features else None
     x = phases(1 + n_observed + 4)
     pre, observed = x[:, :1], x[:, 1 : 1 + n_observed]
     observed_times = [85.0, 155.0][:n_observed]
@@ -211,7 +215,7 @@ def test_teacher_forcing_equals_stepping_with_the_real_phases(temporal, n_observ
         for k, target_time in enumerate(targets):
             fed = torch.cat([observed, real[:, :k]], 1)
             fed_times = [*observed_times, *targets[:k], target_time]
-            outputs.append(model(pre, fed, times(*fed_times)))
+            outputs.append(model(pre, fed, times(*fed_times), case_features=statistics))
         return torch.cat(outputs, 1)
 
     def values_and_gradients(rollout):
@@ -222,7 +226,13 @@ def test_teacher_forcing_equals_stepping_with_the_real_phases(temporal, n_observ
 
     expected, expected_grads = values_and_gradients(stepped)
     actual, actual_grads = values_and_gradients(
-        lambda: model(pre, observed, times(*observed_times, *targets), teacher=real)
+        lambda: model(
+            pre,
+            observed,
+            times(*observed_times, *targets),
+            teacher=real,
+            case_features=statistics,
+        )
     )
     assert actual.shape[1] == len(targets)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
@@ -358,3 +368,51 @@ def test_bf16_autocast_rollout_is_finite():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0))
     assert torch.isfinite(outputs).all()
+
+
+def case_conditioned(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    temporal = name == "iterunet"
+    model = build_model(
+        "baseline" if name == "baseline" else "iterunet",
+        SMALL_FEATURES,
+        temporal,
+        n_targets=2,
+        n_case_features=3,
+    )
+    return with_random_output(model).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["iterunet", "iterunet-no-temporal", "baseline"])
+def test_case_features_condition_the_prediction(name):
+    """Two samples of one image: the same breast statistics give the same prediction,
+    different ones a different prediction, in every model built with them."""
+    model = case_conditioned(name)
+    x = phases(2, (1, 1, 16, 16, 32)).expand(2, -1, -1, -1, -1)
+    same = torch.tensor([[0.5, 1.0, -2.0], [0.5, 1.0, -2.0]])
+    different = torch.tensor([[0.5, 1.0, -2.0], [0.5, 1.0, 2.0]])
+    outputs = [
+        model(x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0), case_features=statistics)
+        for statistics in (same, different)
+    ]
+    torch.testing.assert_close(outputs[0][0], outputs[0][1])
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    assert (outputs[1][1] - outputs[1][0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("n_case_features", "given", "match"),
+    [
+        (3, None, r"takes 3 breast statistics per case, shape \(2, 3\); got None"),
+        (3, (2, 4), r"got \(2, 4\)"),
+        (3, (1, 3), r"got \(1, 3\)"),
+        (0, (2, 3), "takes 0 breast statistics"),
+    ],
+)
+def test_case_features_must_fit_the_model(n_case_features, given, match):
+    model = small_iterunet(n_case_features=n_case_features)
+    x = phases(2)
+    statistics = None if given is None else torch.zeros(given)
+    with pytest.raises(ValueError, match=match):
+        model(x[:, :1], x[:, 1:], times(85.0, 155.0), case_features=statistics)

@@ -13,7 +13,7 @@ from dcesynth.data.sampling import (
     crop,
     prepare_case,
 )
-from dcesynth.data.tinorm import PRE_UNIT
+from dcesynth.data.tinorm import CASE_FEATURES, PRE_UNIT
 from dcesynth.io import InputError
 
 PATCH = (16, 16, 16)
@@ -139,7 +139,8 @@ def test_augmentation_keeps_the_lesion_mask_and_context_on_their_voxels():
     context = phases[:2] * 10.0
     moved = 0
     for seed in range(12):
-        out, out_context, mask = augment(phases, context, lesion, seed)
+        out, out_context, masks = augment(phases, context, lesion[None], seed)
+        mask = masks[0]
         # Each voxel's phases hold the volume coordinates it came from.
         origin = tuple(np.rint(out).astype(int))
         np.testing.assert_array_equal(mask, case.lesion_mask[origin])
@@ -148,13 +149,20 @@ def test_augmentation_keeps_the_lesion_mask_and_context_on_their_voxels():
     assert moved >= 6
 
 
-def test_batch_holds_the_lesion_mask_of_each_patch():
+@pytest.mark.parametrize("augment", [False, True])
+def test_batch_holds_the_lesion_and_parenchyma_masks_of_each_patch(augment):
     case = coordinate_case([((20, 24), (20, 24), (14, 18))])
-    batch = PatchBatches([case], PATCH, 1, 4, seed=0, augment=False)[1]
-    assert batch["lesion"].shape == (2, 1, *PATCH) and batch["lesion"].dtype == torch.bool
-    origin = tuple(batch["phases"].long().permute(1, 0, 2, 3, 4).reshape(3, -1).numpy())
-    expected = case.lesion_mask[origin].reshape(2, 1, *PATCH)
-    np.testing.assert_array_equal(batch["lesion"].numpy(), expected)
+    batches = PatchBatches([case], PATCH, 1, 4, seed=0, augment=augment)
+    if augment:
+        batches.transform.intensity = transforms.Compose([])
+    batch = batches[1]
+    roi = np.zeros(SHAPE, dtype=bool)
+    roi[16:32, 16:32, 10:22] = True
+    origin = tuple(batch["phases"].round().long().permute(1, 0, 2, 3, 4).reshape(3, -1).numpy())
+    for key, volume in (("lesion", case.lesion_mask), ("parenchyma", roi & ~case.lesion_mask)):
+        assert batch[key].shape == (2, 1, *PATCH) and batch[key].dtype == torch.bool
+        np.testing.assert_array_equal(batch[key].numpy(), volume[origin].reshape(2, 1, *PATCH))
+    assert batch["parenchyma"].any() and batch["lesion"].any()
 
 
 def test_patches_keep_their_shape_when_the_patch_is_not_square_in_plane():
@@ -210,6 +218,40 @@ def test_relative_enhancement_context_is_the_signal_ratio_padded_with_zeros():
     assert not context[20:].any() and not context[:, 24:].any() and not context[..., 10:].any()
     batch = PatchBatches([prepared], (32, 32, 16), 1, 1, seed=0)[0]
     assert batch["context"].shape == (2, 1, 32, 32, 16)
+
+
+@pytest.mark.parametrize("normalisation", ["ti", "pre"])
+def test_case_features_are_the_breast_statistics_of_pre_and_1dyn(normalisation):
+    shape = (20, 24, 10)
+    phases = np.full((3, *shape), 50.0, dtype=np.float32)
+    roi = np.zeros(shape, dtype=np.uint8)
+    roi[:, :, 2:8] = 1
+    phases[:2, roi > 0] = 100.0
+    phases[1, :10, :, 2:8] = 120.0
+    phases[1, 10:, :, 2:8] = 140.0  # 1dyn in the ROI: mean 130, std 10
+    case = Case("stats", phases, [0.0, 85.0, 155.0], np.zeros(shape, np.int16), roi, np.eye(4))
+
+    prepared = prepare_case(
+        case, (32, 32, 16), normalisation=normalisation, with_case_features=True
+    )
+
+    unit = 10.0 if normalisation == "ti" else PRE_UNIT * 100.0
+    reference = 130.0 if normalisation == "ti" else 100.0
+    expected = dict(
+        pre_mean=(100.0 - reference) / unit,
+        pre_std=0.0,
+        post_mean=(130.0 - reference) / unit,
+        post_std=10.0 / unit,
+        post_signal_to_spread=13.0,
+        relative_enhancement_median=0.3,
+    )
+    assert tuple(expected) == CASE_FEATURES
+    np.testing.assert_allclose(
+        prepared.case_features, list(expected.values()), rtol=1e-5, atol=1e-6
+    )
+    batch = PatchBatches([prepared], (32, 32, 16), 1, 1, seed=0)[0]
+    np.testing.assert_array_equal(batch["case_features"], np.stack([prepared.case_features] * 2))
+    assert prepare_case(case, (32, 32, 16)).case_features.shape == (0,)
 
 
 def test_pre_referenced_normalisation_does_not_move_with_contrast_uptake():

@@ -124,8 +124,16 @@ def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, str
         ("--model=baseline", ("model", "name"), "baseline", "optimisation"),
         ("--normalisation=pre", ("model", "normalisation"), "pre", "warm-up"),
         ("--scheduled-sampling=0.5", ("train", "scheduled_sampling"), 0.5, "warm-up"),
+        ("--case-features", ("model", "case_features"), True, "warm-up"),
     ],
-    ids=["no-warmup", "no-temporal", "baseline", "pre-normalisation", "scheduled-sampling"],
+    ids=[
+        "no-warmup",
+        "no-temporal",
+        "baseline",
+        "pre-normalisation",
+        "scheduled-sampling",
+        "case-features",
+    ],
 )
 def test_cli_ablation_flags_train_and_are_recorded(
     cohort, tmp_path, flag, field, value, first_stage

@@ -292,6 +292,14 @@ def train(
             "to the model's own (0: free-running from its first step, the presets')."
         ),
     ] = None,
+    case_features: Annotated[
+        bool | None,
+        typer.Option(
+            "--case-features/--no-case-features",
+            help="Condition the network on the breast's enhancement statistics (default: "
+            "the preset's).",
+        ),
+    ] = None,
 ) -> None:
     """Train iterU-Net (two stages), the per-phase baseline or the regression model."""
     from dcesynth import pipeline
@@ -306,6 +314,7 @@ def train(
         amp=amp,
         normalisation=normalisation,
         scheduled_sampling=scheduled_sampling,
+        case_features=case_features,
     )
     pipeline.train(
         data,

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcesynth.data.tinorm import NORMALISATIONS
+from dcesynth.data.tinorm import CASE_FEATURES, NORMALISATIONS
 from dcesynth.io import InputError
 from dcesynth.regression import RegressionConfig
 
@@ -37,6 +37,9 @@ class ModelConfig:
         normalisation: how a case's intensities are mapped for the network
             (``dcesynth.data.tinorm.fit_input_norm``): "ti", TI-norm (the paper's), or
             "pre", referenced to the pre-contrast phase's mean in the breast ROI.
+        case_features: condition the network on the breast's enhancement statistics
+            (``dcesynth.data.tinorm.case_features``), embedded beside the time in every
+            U-Net block; False is the paper's model.
     """
 
     name: str = "iterunet"
@@ -44,6 +47,7 @@ class ModelConfig:
     temporal: bool = True
     relative_enhancement: bool = False
     normalisation: str = "ti"
+    case_features: bool = False
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
@@ -55,6 +59,11 @@ class ModelConfig:
     def pre_channels(self) -> int:
         """Channels of the network's `pre` input: the pre-contrast image and any context."""
         return 1 + int(self.relative_enhancement)
+
+    @property
+    def n_case_features(self) -> int:
+        """Breast statistics per case the network takes (``CASE_FEATURES``), or 0."""
+        return len(CASE_FEATURES) if self.case_features else 0
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,8 @@ class TrainConfig:
         lr, weight_decay: AdamW.
         enhancement_mask: weight prediction and target by sqrt(|last - first post|)
             in stage 2, as the reference code does.
-        loss_weights: (l1, ssim, perceptual, gdl[, lesion]) as ``LossWeights`` takes them;
-            the lesion term's weight is 0 when left out.
+        loss_weights: (l1, ssim, perceptual, gdl[, lesion[, parenchyma]]) as
+            ``LossWeights`` takes them; a term left out weighs 0.
         val_fraction: share of cases held out for validation (at least one).
         val_every: steps between validations (and checkpoints).
         amp: bf16 autocast; None lets the device decide (``dcesynth.accel.use_bf16``:
@@ -244,6 +253,7 @@ def preset(
     amp: bool | None = None,
     normalisation: str | None = None,
     scheduled_sampling: float | None = None,
+    case_features: bool | None = None,
 ) -> RunConfig:
     """The named preset with the command line's model choice, ablations and overrides applied.
 
@@ -257,6 +267,7 @@ def preset(
         normalisation: replaces the preset's input normalisation when given (a value of
             ``NORMALISATIONS``).
         scheduled_sampling: replaces the preset's ``TrainConfig.scheduled_sampling``.
+        case_features: replaces the preset's ``ModelConfig.case_features`` when given.
     """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -292,6 +303,7 @@ def preset(
         name=model,
         temporal=temporal and model == "iterunet",
         normalisation=normalisation or base.model.normalisation,
+        case_features=base.model.case_features if case_features is None else case_features,
     )
     from dcesynth import __version__
 

@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 from dcesynth.accel import accelerate, use_bf16, windows_per_call
 from dcesynth.case import Case, phase_names, validate_times
 from dcesynth.config import RunConfig
-from dcesynth.data.tinorm import context_channels, fit_input_norm
+from dcesynth.data.tinorm import case_features, context_channels, fit_input_norm
 from dcesynth.io import InputError, save_nifti, staged_directory
 from dcesynth.kinetics import kinetic_map
 from dcesynth.model import build_model
@@ -88,6 +88,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
             config.model.temporal,
             n_targets,
             config.model.pre_channels,
+            config.model.n_case_features,
         )
     except (ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{run.config_file}: cannot build the model ({exc})") from exc
@@ -149,6 +150,8 @@ class WindowPredictor:
     model also runs on each window mirrored over every combination of those axes, and the
     predictions, mirrored back, are averaged (test-time mirroring, as nnU-Net predicts);
     training flips every axis, so each mirrored window is one the model learnt from.
+    ``case_features`` (``(K,)``, the case's breast statistics) go with every window to a
+    model built with them.
     """
 
     def __init__(
@@ -160,9 +163,11 @@ class WindowPredictor:
         amp: bool,
         on_windows: Callable[[int], None] | None = None,
         mirror_axes: Sequence[int] = (),
+        case_features: torch.Tensor | None = None,
     ):
         self.model, self.n_context, self.amp, self.on_windows = model, n_context, amp, on_windows
         self.times_s = times_s
+        self.case_features = case_features
         self.n_targets = n_targets
         self.flips = mirror_flips(mirror_axes)
         self.calls = 0
@@ -186,11 +191,15 @@ class WindowPredictor:
         """The rollout of windows ``images`` (W, 1 + n_observed, ...), averaged over flips."""
         pre = torch.cat([images[:, :1], context], dim=1)
         times_s = self.times_s.expand(images.shape[0], -1)
+        # Only a model built with breast statistics takes them (a plain callable need not).
+        extra = {}
+        if self.case_features is not None:
+            extra["case_features"] = self.case_features.expand(images.shape[0], -1)
         total = None
         for dims in self.flips:
             flip = (lambda x, dims=dims: x.flip(dims)) if dims else (lambda x: x)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                preds = self.model(flip(pre), flip(images[:, 1:]), times_s)
+                preds = self.model(flip(pre), flip(images[:, 1:]), times_s, **extra)
             preds = flip(preds.float())
             total = preds if total is None else total + preds
         return total / len(self.flips)
@@ -222,6 +231,7 @@ def predict_volume(
     on_windows: Callable[[int], None] | None = None,
     needed: np.ndarray | None = None,
     mirror_axes: Sequence[int] = (),
+    case_features: np.ndarray | None = None,
 ) -> VolumePrediction:
     """The model's rollout over a whole normalised volume, by sliding windows over its ROI.
 
@@ -241,6 +251,7 @@ def predict_volume(
             default; elsewhere inside the ROI it may be the last observed phase.
         mirror_axes: spatial axes to mirror each window over (``WindowPredictor``); each
             one doubles the model's work.
+        case_features: ``(K,)`` the case's breast statistics, for a model built with them.
 
     Returns:
         The K = ``len(times_s) - T_obs + 1`` predicted phases inside the tiled region
@@ -263,6 +274,7 @@ def predict_volume(
         amp,
         on_windows,
         mirror_axes,
+        None if case_features is None else torch.as_tensor(case_features, device=device)[None],
     )
     batch = window_batch or windows_per_call(device, patch)
     volume = torch.from_numpy(stack)[None].to(device)
@@ -326,6 +338,9 @@ def predict_case(
         window_batch,
         on_windows,
         mirror_axes=mirror_axes,
+        case_features=(
+            case_features(case.phases, case.roi, norm) if run.config.model.case_features else None
+        ),
     )
     phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
     box = tuple(slice(start, stop) for start, stop in volume.region)

@@ -21,7 +21,7 @@ and runs with data-loading workers identical to uninterrupted, serial ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from monai import transforms
 from monai.data import set_track_meta
 
 from dcesynth.case import Case
-from dcesynth.data.tinorm import context_channels, fit_input_norm
+from dcesynth.data.tinorm import case_features, context_channels, fit_input_norm
 from dcesynth.io import InputError
 
 set_track_meta(False)
@@ -48,6 +48,8 @@ class PreparedCase:
         lesion_voxels: (N, 3) voxel indices inside lesions (may be empty).
         roi_voxels: (M, 3) voxel indices inside the breast ROI.
         lesion_mask: (X, Y, Z) bool lesion mask (padded like ``phases``).
+        case_features: (K,) float32 breast statistics (``case_features``); none by default.
+        parenchyma_mask: (X, Y, Z) bool, the ROI's voxels outside lesions (derived).
     """
 
     case_id: str
@@ -57,6 +59,13 @@ class PreparedCase:
     lesion_voxels: np.ndarray
     roi_voxels: np.ndarray
     lesion_mask: np.ndarray
+    case_features: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    parenchyma_mask: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        roi = np.zeros(self.lesion_mask.shape, dtype=bool)
+        roi[tuple(self.roi_voxels.T)] = True
+        self.parenchyma_mask = roi & ~self.lesion_mask
 
 
 def prepare_case(
@@ -64,11 +73,13 @@ def prepare_case(
     patch: Sequence[int],
     relative_enhancement: bool = False,
     normalisation: str = "ti",
+    with_case_features: bool = False,
 ) -> PreparedCase:
     """Normalise ``case`` (``fit_input_norm``) and pad it so that every axis holds at
     least one patch.
 
-    ``relative_enhancement`` adds that context channel (``context_channels``).
+    ``relative_enhancement`` adds that context channel (``context_channels``);
+    ``with_case_features`` computes the breast statistics (``case_features``).
     """
     norm = fit_input_norm(case.phases, case.roi, normalisation, where=case.case_id)
     phases = norm.forward(case.phases)
@@ -82,6 +93,11 @@ def prepare_case(
         phases=np.ascontiguousarray(phases, dtype=np.float32),
         context=np.ascontiguousarray(context, dtype=np.float32),
         times_s=np.asarray(case.times_s, dtype=np.float32),
+        case_features=(
+            case_features(case.phases, case.roi, norm)
+            if with_case_features
+            else np.zeros(0, dtype=np.float32)
+        ),
         lesion_voxels=np.argwhere(lesion),
         roi_voxels=np.argwhere(roi),
         lesion_mask=lesion,
@@ -115,23 +131,27 @@ class Augmentation:
     Attributes:
         intensity: noise, smoothing and sharpening, applied to the phases only.
         spatial: axis flips and the in-plane 90 degree rotation, applied to the phases,
-            the context channels and the lesion mask stacked, so that they stay aligned.
+            the context channels and the masks stacked, so that they stay aligned.
     """
 
     intensity: transforms.Compose
     spatial: transforms.Compose
 
     def __call__(
-        self, phases: np.ndarray, context: np.ndarray, lesion: np.ndarray, seed: int
+        self, phases: np.ndarray, context: np.ndarray, masks: np.ndarray, seed: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Augmented ``(phases (T, *patch), context (C, *patch), lesion (*patch) bool)``,
+        """Augmented ``(phases (T, *patch), context (C, *patch), masks (M, *patch) bool)``,
         fixed by ``seed``."""
         self.intensity.set_random_state(seed=seed)
         self.spatial.set_random_state(seed=seed + 1)
-        stacked = np.concatenate([np.asarray(self.intensity(phases)), context, lesion[None]])
+        stacked = np.concatenate([np.asarray(self.intensity(phases)), context, masks])
         stacked = np.asarray(self.spatial(stacked))
-        n_phases = phases.shape[0]
-        return stacked[:n_phases], stacked[n_phases:-1], stacked[-1] > 0.5
+        n_images = phases.shape[0] + context.shape[0]
+        return (
+            stacked[: phases.shape[0]],
+            stacked[phases.shape[0] : n_images],
+            stacked[n_images:] > 0.5,
+        )
 
 
 def augmentation(patch: Sequence[int]) -> Augmentation:
@@ -156,9 +176,10 @@ class PatchBatches(torch.utils.data.Dataset):
     ``cases_per_step`` without ``roi_patch`` (the lesion patches alone).
 
     Items are dicts with ``phases`` (B, T, *patch) float32, ``context`` (B, C, *patch)
-    float32, ``times_s`` (B, T) and ``lesion`` (B, 1, *patch) bool, the lesion mask of
-    each patch. T is the phase count
-    of the step's cases (see the module docstring for mixed protocols).
+    float32, ``times_s`` (B, T), ``case_features`` (B, K), and ``lesion`` and
+    ``parenchyma`` (B, 1, *patch) bool, each patch's lesion mask and its ROI outside
+    lesions. T is the phase count of the step's cases (see the module docstring for mixed
+    protocols).
     """
 
     def __init__(
@@ -191,7 +212,7 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
-        patches, contexts, times, lesions = [], [], [], []
+        patches, contexts, times, masks, statistics = [], [], [], [], []
         group = self.groups[0]
         if len(self.groups) > 1:
             group = self.groups[rng.choice(len(self.groups), p=self.group_shares)]
@@ -205,18 +226,21 @@ class PatchBatches(torch.utils.data.Dataset):
                 start = crop_start(centre, self.patch, case.phases.shape[1:])
                 sample = crop(case.phases, start, self.patch)
                 context = crop(case.context, start, self.patch)
-                lesion = crop(case.lesion_mask, start, self.patch)
+                mask = crop(np.stack([case.lesion_mask, case.parenchyma_mask]), start, self.patch)
                 if self.transform is not None:
-                    sample, context, lesion = self.transform(
-                        sample, context, lesion, int(rng.integers(2**31 - 1))
+                    sample, context, mask = self.transform(
+                        sample, context, mask, int(rng.integers(2**31 - 1))
                     )
                 patches.append(torch.as_tensor(np.ascontiguousarray(sample), dtype=torch.float32))
                 contexts.append(torch.as_tensor(np.ascontiguousarray(context), dtype=torch.float32))
-                lesions.append(torch.as_tensor(np.ascontiguousarray(lesion)))
+                masks.append(torch.as_tensor(np.ascontiguousarray(mask)))
                 times.append(torch.as_tensor(case.times_s))
+                statistics.append(torch.as_tensor(case.case_features))
         return {
             "phases": torch.stack(patches),
             "context": torch.stack(contexts),
             "times_s": torch.stack(times),
-            "lesion": torch.stack(lesions)[:, None],
+            "case_features": torch.stack(statistics),
+            "lesion": torch.stack(masks)[:, :1],
+            "parenchyma": torch.stack(masks)[:, 1:],
         }

@@ -140,3 +140,43 @@ def context_channels(phases: np.ndarray, relative: bool) -> np.ndarray:
     if not relative:
         return np.zeros((0, *phases.shape[1:]), dtype=np.float32)
     return relative_enhancement(phases[0], phases[REFERENCE_PHASE])[None]
+
+
+CASE_FEATURES = (
+    "pre_mean",
+    "pre_std",
+    "post_mean",
+    "post_std",
+    "post_signal_to_spread",
+    "relative_enhancement_median",
+)
+"""Names of ``case_features``' values, in order."""
+
+
+def case_features(phases: np.ndarray, roi: np.ndarray, norm: TINorm) -> np.ndarray:
+    """``(len(CASE_FEATURES),)`` float32 statistics of the breast's pre and 1dyn inside ``roi``.
+
+    The mean and standard deviation of pre and of 1dyn in the network's normalised units
+    (``norm``), the 1dyn signal's mean over its standard deviation, and the median
+    relative enhancement. They say how much the whole breast enhanced, which sets how
+    the parenchyma goes on enhancing; a network cannot read that from its input once
+    instance norm has removed each patch's own mean and scale.
+
+    Args:
+        phases: ``(T, X, Y, Z)`` signal phases, pre and 1dyn first.
+        roi: ``(X, Y, Z)`` breast ROI, not empty.
+        norm: the case's input normalisation (``fit_input_norm``).
+    """
+    inside = np.asarray(roi) > 0
+    pre, post = phases[0][inside], phases[REFERENCE_PHASE][inside]
+    pre_normalised, post_normalised = norm.forward(pre), norm.forward(post)
+    spread = max(float(post.std(dtype=np.float64)), 1e-12)
+    values = [
+        pre_normalised.mean(dtype=np.float64),
+        pre_normalised.std(dtype=np.float64),
+        post_normalised.mean(dtype=np.float64),
+        post_normalised.std(dtype=np.float64),
+        post.mean(dtype=np.float64) / spread,
+        np.median(relative_enhancement(pre, post)),
+    ]
+    return np.asarray(values, dtype=np.float32)

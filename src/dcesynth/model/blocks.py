@@ -116,6 +116,32 @@ class TimeEmbedding(nn.Module):
         return F.gelu(self.mlp(encoding))
 
 
+class CaseEmbedding(nn.Module):
+    """Embedding of a case's breast statistics (`dcesynth.data.tinorm.case_features`).
+
+    A Linear-GELU-Linear MLP to the step embedding's size; the model adds it to the step
+    embedding, so every U-Net block sees it after its norm, where a patch's own mean and
+    scale are gone.
+
+    Args:
+        n_features: number of statistics `K`.
+        time_dim: size `D` of the step embedding.
+    """
+
+    def __init__(self, n_features: int, time_dim: int = 128):
+        super().__init__()
+        if n_features < 1:
+            raise ValueError(f"n_features: expected at least 1, got {n_features}")
+        self.n_features = n_features
+        self.mlp = nn.Sequential(
+            nn.Linear(n_features, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, K)` statistics -> `(B, time_dim)` embedding."""
+        return self.mlp(features.float())
+
+
 ZERO_STATE_GATES = [0, 2, 3]
 """The gates a zero ConvLSTM state needs: input, output, candidate (not forget)."""
 

@@ -16,6 +16,7 @@ from dcesynth.model.blocks import (
     DEFAULT_ACT,
     DEFAULT_NORM,
     PAPER_FEATURES,
+    CaseEmbedding,
     TimeEmbedding,
     UNet3D,
 )
@@ -27,7 +28,9 @@ class PhaseModel(nn.Module):
     """The one interface of the models: pre-contrast and observed phases in, later phases out.
 
     `forward` checks the arguments and the model's own rule for which protocols it serves
-    (`check_protocol`), then runs `rollout`.
+    (`check_protocol`), then runs `rollout`. A model built with `n_case_features` K > 0
+    also takes each case's breast statistics (`dcesynth.data.tinorm.case_features`),
+    embedded (`CaseEmbedding`) and added to every step's embedding.
     """
 
     def forward(
@@ -37,6 +40,7 @@ class PhaseModel(nn.Module):
         times_s: torch.Tensor,
         teacher: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
+        case_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the phases at the target times.
 
@@ -48,6 +52,8 @@ class PhaseModel(nn.Module):
             teacher: `(B, K, X, Y, Z)` real target phases for teacher forcing, or None.
             teacher_mask: `(B, K)` bool, which of `teacher`'s phases are fed (scheduled
                 sampling: the model's own prediction goes in where False); None feeds all.
+            case_features: `(B, n_case_features)` breast statistics; exactly when the
+                model is built with them.
 
         Returns:
             `(B, K, X, Y, Z)` predictions, one per target time.
@@ -61,14 +67,38 @@ class PhaseModel(nn.Module):
             self.check_protocol(observed.shape[1], n_targets)
         except ValueError as exc:
             raise ValueError(f"times_s: {exc}") from None
-        return self.rollout(pre, observed, times_s, teacher, teacher_mask)
+        case = self.embed_case(case_features, pre.shape[0])
+        return self.rollout(pre, observed, times_s, teacher, teacher_mask, case)
+
+    @property
+    def n_case_features(self) -> int:
+        """K, the breast statistics the model takes; 0 without."""
+        return 0 if self.case_embedding is None else self.case_embedding.n_features
+
+    def embed_case(self, case_features: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """`(B, time_dim)` embedding of `(B, K)` `case_features`; None without them.
+
+        Raises:
+            ValueError: features given to a model without them, missing, or misshapen.
+        """
+        expected = (batch, self.n_case_features)
+        if case_features is None and not self.n_case_features:
+            return None
+        if case_features is None or tuple(case_features.shape) != expected or not expected[1]:
+            got = None if case_features is None else tuple(case_features.shape)
+            raise ValueError(
+                f"case_features: this model takes {self.n_case_features} breast statistics "
+                f"per case, shape {expected}; got {got}"
+            )
+        return self.case_embedding(case_features)
 
     def check_protocol(self, n_observed: int, n_targets: int) -> None:
         """Raise ValueError unless the model predicts `n_targets` phases after `n_observed`."""
         raise NotImplementedError
 
-    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None):
-        """`forward` after its checks; the same arguments and result."""
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None):
+        """`forward` after its checks; the same arguments and result, with the breast
+        statistics as their `(B, time_dim)` embedding `case` (None without)."""
         raise NotImplementedError
 
 
@@ -91,6 +121,8 @@ class IterUNet(PhaseModel):
         time_dim: size of the step embedding (a multiple of 4).
         act: activation, MONAI form.
         norm: normalisation, MONAI form.
+        n_case_features: K breast statistics per case (`PhaseModel`); 0 for none, the
+            paper's model.
     """
 
     def __init__(
@@ -101,21 +133,23 @@ class IterUNet(PhaseModel):
         time_dim: int = 128,
         act: str | tuple = DEFAULT_ACT,
         norm: str | tuple = DEFAULT_NORM,
+        n_case_features: int = 0,
     ):
         super().__init__()
         self.temporal = temporal
         self.time_embedding = TimeEmbedding(time_dim) if temporal else None
+        self.case_embedding = CaseEmbedding(n_case_features, time_dim) if n_case_features else None
         self.unet = UNet3D(
             in_channels,
             out_channels=1,
             features=features,
-            time_dim=time_dim if temporal else None,
+            time_dim=time_dim if temporal or n_case_features else None,
             recurrent=temporal,
             act=act,
             norm=norm,
         )
 
-    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None):
         """Predict every target phase in order, starting from the last observed phase.
 
         With several observed phases, the earlier ones only warm up the ConvLSTM state, so
@@ -139,7 +173,11 @@ class IterUNet(PhaseModel):
         if teacher is not None and teacher_mask is None:
             inputs = torch.cat([current, teacher[:, :-1]], dim=1)
             x = torch.cat([torch.cat([pre, phase], 1) for phase in inputs.split(1, 1)])
-            embedding = self._embed(input_times_s.T.flatten(), target_times_s.T.flatten())
+            embedding = self._embed(
+                input_times_s.T.flatten(),
+                target_times_s.T.flatten(),
+                None if case is None else case.repeat(n_targets, 1),
+            )
             deltas, _ = self.unet(x, embedding, state, steps=n_targets)
             return inputs + torch.cat(deltas.chunk(n_targets), dim=1)
         predictions = []
@@ -147,7 +185,7 @@ class IterUNet(PhaseModel):
             if teacher is not None and step > 0:
                 fed = teacher_mask[:, step - 1].view(-1, *[1] * (current.ndim - 1))
                 current = torch.where(fed, teacher[:, step - 1 : step], current)
-            embedding = self._embed(input_times_s[:, step], target_times_s[:, step])
+            embedding = self._embed(input_times_s[:, step], target_times_s[:, step], case)
             delta, state = self.unet(torch.cat([pre, current], dim=1), embedding, state)
             current = current + delta
             predictions.append(current)
@@ -160,11 +198,18 @@ class IterUNet(PhaseModel):
                 f"iterU-Net needs an observed and a target phase, got {n_observed} and {n_targets}"
             )
 
-    def _embed(self, current_time_s: torch.Tensor, target_time_s: torch.Tensor):
-        """`(N, time_dim)` step embeddings of `(N,)` times, or None without time conditioning."""
+    def _embed(
+        self,
+        current_time_s: torch.Tensor,
+        target_time_s: torch.Tensor,
+        case: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """`(N, time_dim)` step embeddings of `(N,)` times plus the `(N, time_dim)` case
+        embedding, either alone where the other is off; None with neither."""
         if self.time_embedding is None:
-            return None
-        return self.time_embedding(current_time_s, target_time_s)
+            return case
+        embedding = self.time_embedding(current_time_s, target_time_s)
+        return embedding if case is None else embedding + case
 
 
 class BaselineUNet(PhaseModel):
@@ -181,6 +226,9 @@ class BaselineUNet(PhaseModel):
         features: six channel counts (see `UNet3D`).
         act: activation, MONAI form.
         norm: normalisation, MONAI form.
+        n_case_features: K breast statistics per case (`PhaseModel`), one embedding that
+            every U-Net's blocks project; 0 for none, the paper's baseline.
+        time_dim: size of that embedding.
     """
 
     def __init__(
@@ -190,16 +238,21 @@ class BaselineUNet(PhaseModel):
         features: Sequence[int] = PAPER_FEATURES,
         act: str | tuple = DEFAULT_ACT,
         norm: str | tuple = DEFAULT_NORM,
+        n_case_features: int = 0,
+        time_dim: int = 128,
     ):
         super().__init__()
         if n_targets < 1:
             raise ValueError(f"n_targets: expected at least 1, got {n_targets}")
         self.n_targets = n_targets
+        self.case_embedding = CaseEmbedding(n_case_features, time_dim) if n_case_features else None
+        embedding_dim = time_dim if n_case_features else None
         self.unets = nn.ModuleList(
-            UNet3D(in_channels, 1, features, act=act, norm=norm) for _ in range(n_targets)
+            UNet3D(in_channels, 1, features, embedding_dim, act=act, norm=norm)
+            for _ in range(n_targets)
         )
 
-    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None):
         """Predict the phases after the observed ones, each from `pre` and the first one:
         the last K of the `n_targets` phases after `observed[:, 0]`. Times, `teacher` and
         `teacher_mask` are not used. Arguments and result as `PhaseModel.forward`."""
@@ -207,7 +260,7 @@ class BaselineUNet(PhaseModel):
         first = observed[:, :1]
         x = torch.cat([pre, first], dim=1)
         unets = self.unets[self.n_targets - n_targets :]
-        return torch.cat([first + unet(x)[0] for unet in unets], dim=1)
+        return torch.cat([first + unet(x, case)[0] for unet in unets], dim=1)
 
     def check_protocol(self, n_observed: int, n_targets: int) -> None:
         """The baseline predicts its `n_targets` phases after the first observed one: the
@@ -220,7 +273,12 @@ class BaselineUNet(PhaseModel):
 
 
 def build_model(
-    name: str, features: Sequence[int], temporal: bool, n_targets: int, pre_channels: int = 1
+    name: str,
+    features: Sequence[int],
+    temporal: bool,
+    n_targets: int,
+    pre_channels: int = 1,
+    n_case_features: int = 0,
 ) -> IterUNet | BaselineUNet:
     """Build a model by name.
 
@@ -232,14 +290,23 @@ def build_model(
             predicts any number).
         pre_channels: channels of the `pre` argument: the pre-contrast image and any
             fixed inputs beside it.
+        n_case_features: breast statistics per case the model is conditioned on
+            (`PhaseModel`); 0 for none.
 
     Returns:
         The model, with default activation and normalisation.
     """
     if name == "iterunet":
-        return IterUNet(pre_channels + 1, features=features, temporal=temporal)
+        return IterUNet(
+            pre_channels + 1,
+            features=features,
+            temporal=temporal,
+            n_case_features=n_case_features,
+        )
     if name == "baseline":
-        return BaselineUNet(n_targets, pre_channels + 1, features=features)
+        return BaselineUNet(
+            n_targets, pre_channels + 1, features=features, n_case_features=n_case_features
+        )
     raise ValueError(f"model name: expected one of {', '.join(MODEL_NAMES)}, got {name!r}")
 
 

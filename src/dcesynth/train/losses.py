@@ -6,7 +6,10 @@ roughly in -2..10). The per-step losses are summed over the rollout, as in the p
 
 Beyond the paper, an optional lesion term is the squared error of each patch's lesion-mean
 intensity: the enhancement error that the evaluation reports, so that the few lesion voxels
-of a patch are not outweighed by the many voxels of tissue that barely enhances.
+of a patch are not outweighed by the many voxels of tissue that barely enhances. A
+parenchyma term is the same error over the patch's breast ROI outside lesions: with the
+lesion term alone, the networks learnt the lesions' late change and applied their washout
+to the parenchyma too.
 """
 
 from dataclasses import dataclass
@@ -33,7 +36,8 @@ class LossWeights:
         ssim: weight of ``1 - SSIM``.
         perceptual: weight of the MedicalNet feature distance (unused without a network).
         gdl: weight of the gradient difference loss.
-        lesion: weight of the lesion-mean squared error (``lesion_mean_error``); 0 in the paper.
+        lesion: weight of the lesion-mean squared error (``region_mean_error``); 0 in the paper.
+        parenchyma: weight of the same error over the ROI's non-lesion voxels; 0 in the paper.
     """
 
     l1: float = 0.1
@@ -41,9 +45,10 @@ class LossWeights:
     perceptual: float = 1.0
     gdl: float = 0.1
     lesion: float = 0.0
+    parenchyma: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("l1", "ssim", "perceptual", "gdl", "lesion"):
+        for name in ("l1", "ssim", "perceptual", "gdl", "lesion", "parenchyma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossWeights.{name}: must be >= 0, got {getattr(self, name)}")
 
@@ -148,17 +153,17 @@ def gradient_difference_loss(pred: Tensor, target: Tensor, alpha: float = 1.0) -
     return total
 
 
-def lesion_mean_error(pred: Tensor, target: Tensor, lesion: Tensor) -> Tensor:
-    """Squared error of the lesion-mean intensity, averaged over patches that hold a lesion.
+def region_mean_error(pred: Tensor, target: Tensor, region: Tensor) -> Tensor:
+    """Squared error of a region's mean intensity, averaged over the patches that hold it.
 
     Args:
         pred, target: ``(B, 1, X, Y, Z)`` phases.
-        lesion: ``(B, 1, X, Y, Z)`` bool lesion mask of each patch.
+        region: ``(B, 1, X, Y, Z)`` bool mask of each patch's region (lesions, parenchyma).
 
     Returns:
-        A scalar; 0 when no patch holds a lesion voxel.
+        A scalar; 0 when no patch holds a voxel of the region.
     """
-    weight = lesion.to(pred.dtype)
+    weight = region.to(pred.dtype)
     voxels = weight.sum(dim=(1, 2, 3, 4))
     difference = ((pred - target) * weight).sum(dim=(1, 2, 3, 4)) / voxels.clamp(min=1)
     holds = (voxels > 0).to(pred.dtype)
@@ -226,6 +231,7 @@ class CombinedLoss(nn.Module):
         targets: Tensor,
         weight: Tensor | None = None,
         lesion: Tensor | None = None,
+        parenchyma: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss of a rollout.
 
@@ -235,11 +241,14 @@ class CombinedLoss(nn.Module):
             weight: optional voxel weight ``(B, 1, X, Y, Z)`` (e.g. ``enhancement_weight``),
                 multiplied into prediction and target before every term but the lesion term.
             lesion: ``(B, 1, X, Y, Z)`` bool lesion masks; needed when the lesion weight is > 0.
+            parenchyma: ``(B, 1, X, Y, Z)`` bool masks of the ROI outside lesions; needed
+                when the parenchyma weight is > 0.
 
         Returns:
             ``(total, terms)``: the weighted sum over steps as a float32 scalar tensor, and the
             unweighted terms summed over steps (``"l1"``; ``"ssim"`` as ``1 - SSIM``,
-            ``"gdl"``, ``"perceptual"`` and ``"lesion"`` only where their weight is above 0
+            ``"gdl"``, ``"perceptual"``, ``"lesion"`` and ``"parenchyma"`` only where their
+            weight is above 0
             and, for the perceptual term, a network is given) plus ``"total"``, as floats.
         """
         if preds.ndim != 5 or preds.shape != targets.shape or preds.shape[1] == 0:
@@ -249,6 +258,8 @@ class CombinedLoss(nn.Module):
             )
         if self.weights.lesion > 0 and lesion is None:
             raise ValueError("CombinedLoss: the lesion term needs the patches' lesion masks")
+        if self.weights.parenchyma > 0 and parenchyma is None:
+            raise ValueError("CombinedLoss: the parenchyma term needs the patches' ROI masks")
         if weight is not None and weight.shape != preds[:, :1].shape:
             raise ValueError(
                 f"CombinedLoss: weight shape {tuple(weight.shape)} differs from one phase's "
@@ -258,7 +269,11 @@ class CombinedLoss(nn.Module):
         for pred, target in zip(preds.split(1, 1), targets.split(1, 1), strict=True):
             pred, target = pred.float(), target.float()
             if self.weights.lesion > 0:
-                sums["lesion"] = sums["lesion"] + lesion_mean_error(pred, target, lesion)
+                sums["lesion"] = sums["lesion"] + region_mean_error(pred, target, lesion)
+            if self.weights.parenchyma > 0:
+                sums["parenchyma"] = sums["parenchyma"] + region_mean_error(
+                    pred, target, parenchyma
+                )
             if weight is not None:
                 pred, target = pred * weight.float(), target * weight.float()
             with torch.autocast(device_type=pred.device.type, enabled=False):
@@ -286,5 +301,6 @@ class CombinedLoss(nn.Module):
             ("gdl", self.weights.gdl > 0),
             ("perceptual", self.uses_perceptual),
             ("lesion", self.weights.lesion > 0),
+            ("parenchyma", self.weights.parenchyma > 0),
         )
         return ("l1", *(name for name, used in weighted if used))

@@ -253,6 +253,7 @@ class Trainer:
         phases = batch["phases"].to(self.device, non_blocking=True)
         context = batch["context"].to(self.device, non_blocking=True)
         times_s = batch["times_s"].to(self.device)
+        statistics = batch["case_features"].to(self.device)
         targets = phases[:, 2:]
         teacher, teacher_mask = self.teacher_inputs(targets, stage)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -262,12 +263,14 @@ class Trainer:
                 times_s[:, 1:],
                 teacher=teacher,
                 teacher_mask=teacher_mask,
+                case_features=statistics if statistics.shape[1] else None,
             )
         weight = (
             enhancement_weight(phases[:, 1:2], phases[:, -1:]) if stage.enhancement_mask else None
         )
         lesion = batch["lesion"].to(self.device, non_blocking=True)
-        total, terms = self.loss(preds, targets, weight, lesion)
+        parenchyma = batch["parenchyma"].to(self.device, non_blocking=True)
+        total, terms = self.loss(preds, targets, weight, lesion, parenchyma)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -399,7 +402,13 @@ def load_training_cases(
     train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
     train_cases, val_cases = (
         [
-            prepare_case(load_case(d), train.patch, model.relative_enhancement, model.normalisation)
+            prepare_case(
+                load_case(d),
+                train.patch,
+                model.relative_enhancement,
+                model.normalisation,
+                model.case_features,
+            )
             for d in dirs
         ]
         for dirs in (train_dirs, val_dirs)
@@ -513,6 +522,7 @@ def build_trainer(
         config.model.temporal,
         n_phases - 2,
         config.model.pre_channels,
+        config.model.n_case_features,
     ).to(device)
     accelerate(model, device)
     net = distributed(model, device, world)

@@ -68,6 +68,7 @@ def validate(
             overlap,
             amp,
             needed=case.lesion_mask if case.lesion_mask.any() else None,
+            case_features=case.case_features if len(case.case_features) else None,
         )
         synth = np.concatenate(
             [case.phases[:2], np.repeat(case.phases[1:2], len(predicted.phases), 0)]
