@@ -24,7 +24,7 @@ scored beside them, paired with the all-group ridge, and its residual at the las
 R^2 above 0 says what the model misses that the numbers hold. Beside the lesions, each
 model's change of the parenchyma (the ROI's non-lesion voxels) from 1dyn to the last
 phase, a per-case mean in TI units, is compared with the real one across cases
-(correlation and root mean squared error).
+(correlation, mean difference and root mean squared error).
 
 Usage:
     python benchmarks/lesion_level.py TRAIN TEST [--pred NAME=DIR ...] [--out FILE.json]
@@ -118,13 +118,15 @@ def parenchyma_changes(case: Case, series: list[np.ndarray]) -> list[float]:
 
 
 def parenchyma_scores(real: np.ndarray, predicted: np.ndarray) -> dict[str, float | None]:
-    """Correlation across cases (None where either side is constant) and root mean
-    squared difference of per-case parenchyma changes ``(C,)``, NaNs left out."""
+    """Correlation across cases (None where either side is constant), mean difference
+    (predicted minus real) and root mean squared difference of per-case parenchyma
+    changes ``(C,)``, NaNs left out."""
     ok = np.isfinite(real) & np.isfinite(predicted)
     real, predicted = real[ok], predicted[ok]
     constant = len(real) < 2 or np.ptp(real) == 0 or np.ptp(predicted) == 0
     return {
         "parenchyma_r": None if constant else float(np.corrcoef(real, predicted)[0, 1]),
+        "parenchyma_bias": float(np.mean(predicted - real)),
         "parenchyma_rmse": float(np.sqrt(np.mean((predicted - real) ** 2))),
     }
 
@@ -269,7 +271,8 @@ def table(rows: dict[str, dict], test: Lesions) -> str:
             lines.append(
                 f"{name}: error {row['ratio_to_ridge']:.2f}x the last ridge's [{low:.2f}, "
                 f"{high:.2f}]; residual R^2 on the lesion numbers {r2}; parenchyma's change "
-                f"r {r}, RMSE {row['parenchyma_rmse']:.2f} TI units"
+                f"r {r}, bias {row['parenchyma_bias']:+.2f}, RMSE {row['parenchyma_rmse']:.2f} "
+                "TI units"
             )
     return "\n".join(lines)
 
