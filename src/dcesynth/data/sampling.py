@@ -226,7 +226,9 @@ class PatchBatches(torch.utils.data.Dataset):
                 start = crop_start(centre, self.patch, case.phases.shape[1:])
                 sample = crop(case.phases, start, self.patch)
                 context = crop(case.context, start, self.patch)
-                mask = crop(np.stack([case.lesion_mask, case.parenchyma_mask]), start, self.patch)
+                mask = np.stack(
+                    [crop(m, start, self.patch) for m in (case.lesion_mask, case.parenchyma_mask)]
+                )
                 if self.transform is not None:
                     sample, context, mask = self.transform(
                         sample, context, mask, int(rng.integers(2**31 - 1))
