@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dcesynth.case import PAPER_TIMES_S, load_case
 from dcesynth.cli import app
-from dcesynth.data.breast_mask import automatic_breast_mask
+from dcesynth.data.breast_mask import automatic_breast_mask, fibroglandular_roi
 from dcesynth.data.dicom_series import dicom_time_s
 from dcesynth.data.import_common import read_table
 from dcesynth.data.importers import ImportSummary, NothingImportedError, import_cohort
@@ -38,17 +38,29 @@ def _anatomy() -> tuple[np.ndarray, np.ndarray]:
     return body, breasts
 
 
+def _fibroglandular(breasts: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) fibroglandular core of ``breasts``, clear of their one-voxel boundary."""
+    x, y, _ = np.meshgrid(*map(np.arange, SHAPE), indexing="ij")
+    core = np.zeros(SHAPE, bool)
+    for centre in (5, 18):
+        core |= (x - centre) ** 2 + ((y - 10.5) / 1.2) ** 2 <= 4
+    return core & breasts & (y >= 9)
+
+
+def _breast_images(n_phases: int, body, breasts, rng) -> np.ndarray:
+    """(T, X, Y, Z) signal: air 5, body and fat 100, fibroglandular tissue 70 and enhancing."""
+    fgt = _fibroglandular(breasts)
+    pre = 5.0 + 95.0 * (body | breasts) - 30.0 * fgt + rng.normal(0.0, 1.0, SHAPE)
+    return np.stack([pre + 3.0 * k * fgt for k in range(n_phases)])
+
+
 def _phases(n_phases: int, seed: int = 0) -> np.ndarray:
-    """(T, X, Y, Z) RAS-ordered phantom phases: air 5, tissue 100, an enhancing lesion."""
-    rng = np.random.default_rng(seed)
+    """(T, X, Y, Z) RAS-ordered phantom phases: ``_breast_images`` and an enhancing lesion."""
     body, breasts = _anatomy()
-    pre = 5.0 + 95.0 * (body | breasts) + rng.normal(0.0, 1.0, SHAPE)
-    phases = []
+    phases = _breast_images(n_phases, body, breasts, np.random.default_rng(seed))
     for k in range(n_phases):
-        image = pre + 3.0 * k * breasts
-        image[LESION] += 60.0 * min(k, 1) + 5.0 * k
-        phases.append(image)
-    return np.round(np.stack(phases)).astype(np.float32)
+        phases[k][LESION] += 60.0 * min(k, 1) + 5.0 * k
+    return np.round(phases).astype(np.float32)
 
 
 def _lesion_mask() -> np.ndarray:
@@ -365,8 +377,8 @@ def test_unilateral_sagittal_case_is_skipped_naming_the_mask_to_supply(tmp_path)
         [[0, 0, VOXEL_MM, 0], [VOXEL_MM, 0, 0, 0], [0, VOXEL_MM, 0, 0], [0, 0, 0, 1]]
     )
     to_sagittal = (1, 2, 0)
-    for k in range(3):
-        image = 5.0 + 95.0 * (body | one_breast) + 3.0 * k * one_breast
+    images = _breast_images(3, body, one_breast, np.random.default_rng(0))
+    for k, image in enumerate(images):
         path = src / "images" / patient / f"{patient.lower()}_{k:04d}.nii.gz"
         _save(path, image.transpose(to_sagittal).astype(np.float32), sagittal)
     seg = _lesion_mask().transpose(to_sagittal).astype(np.uint8)
@@ -387,8 +399,9 @@ def test_unilateral_sagittal_case_is_skipped_naming_the_mask_to_supply(tmp_path)
     _save(tmp_path / "rois" / f"{patient}.nii.gz", mask, sagittal)
     import_cohort("mama-mia", src, tmp_path / "out", times_s=times, roi_dir=tmp_path / "rois")
     case = load_case(tmp_path / "out" / patient)
-    assert case.extra["roi_automatic"] is False
-    np.testing.assert_array_equal(case.roi, mask)
+    assert case.extra["roi_automatic"] is False and case.extra["roi_derived"] is True
+    expected = _fibroglandular(one_breast) | (_lesion_mask() > 0)
+    np.testing.assert_array_equal(case.roi, expected.transpose(to_sagittal))
 
 
 def test_mamamia_without_times_is_skipped_unless_times_given(tmp_path):
@@ -403,28 +416,28 @@ def test_mamamia_without_times_is_skipped_unless_times_given(tmp_path):
     assert case.extra["times_origin"] == "injection"
 
 
-def test_mamamia_automatic_roi_covers_the_breasts_and_is_flagged(tmp_path):
+def test_mamamia_automatic_roi_is_the_fibroglandular_tissue_of_the_breasts(tmp_path):
     src = tmp_path / "src"
     _write_mamamia(src, "DUKE_002", 3, {"acquisition_times": [0, 90, 180]})
     import_cohort("mama-mia", src, tmp_path / "out")
     case = load_case(tmp_path / "out" / "DUKE_002")
-    assert case.extra["roi_automatic"] is True
+    assert case.extra["roi_automatic"] is True and case.extra["roi_derived"] is True
     body, breasts = _anatomy()
     roi = _to_lps(case.roi.astype(bool))
-    assert (roi & breasts).sum() / breasts.sum() > 0.9
-    assert not (roi & body).any()
+    np.testing.assert_array_equal(roi, _fibroglandular(breasts) | (_lesion_mask() > 0))
 
 
 def test_mamamia_roi_dir_masks_are_used(tmp_path):
     src = tmp_path / "src"
     _write_mamamia(src, "DUKE_003", 3, {"acquisition_times": [0, 90, 180]})
-    mask = np.zeros(SHAPE, np.uint8)
-    mask[2:10, 3:9, 1:7] = 1
-    _save(tmp_path / "rois" / "Duke_003.nii.gz", mask, LPS_AFFINE)
+    _, breasts = _anatomy()
+    left = breasts & (np.arange(SHAPE[0])[:, None, None] < SHAPE[0] // 2)
+    _save(tmp_path / "rois" / "Duke_003.nii.gz", _to_lps(left.astype(np.uint8)), LPS_AFFINE)
     import_cohort("mama-mia", src, tmp_path / "out", roi_dir=tmp_path / "rois")
     case = load_case(tmp_path / "out" / "DUKE_003")
-    assert case.extra["roi_automatic"] is False
-    np.testing.assert_array_equal(case.roi, mask)
+    assert case.extra["roi_automatic"] is False and case.extra["roi_derived"] is True
+    expected = _fibroglandular(left) | (_lesion_mask() > 0)
+    np.testing.assert_array_equal(_to_lps(case.roi.astype(bool)), expected)
 
 
 # --- Duke (DICOM) ----------------------------------------------------------------------
@@ -554,3 +567,57 @@ def test_automatic_breast_mask_refuses_an_image_without_two_breasts():
     body, _ = _anatomy()
     with pytest.raises(InputError, match="no cleavage between two breasts"):
         automatic_breast_mask(5.0 + 95.0 * body, RAS_AFFINE)
+
+
+def _slab(fat_level: float, fgt_level: float):
+    """A (40, 40, 10) breast slab, open at both z ends, its fibroglandular band at x 20-29.
+
+    Returns the pre and 1dyn images (the band enhances by 20), the mask and the band.
+    """
+    rng = np.random.default_rng(3)
+    shape = (40, 40, 10)
+    breast = np.zeros(shape, bool)
+    breast[2:38, 2:38, :] = True
+    band = np.zeros(shape, bool)
+    band[20:30, 2:38, :] = True
+    band &= breast
+    pre = np.where(band, fgt_level, fat_level) + rng.normal(0.0, 2.0, shape)
+    post = pre + 20.0 * band
+    return pre, post, breast, band
+
+
+@pytest.mark.parametrize(("fat", "fgt"), [(100.0, 60.0), (15.0, 60.0)], ids=["plain", "fat-sat"])
+def test_fibroglandular_roi_keeps_the_enhancing_class_without_the_skin(fat, fgt):
+    spacing = (0.5, 0.5, 3.0)
+    pre, post, breast, band = _slab(fat, fgt)
+    roi = fibroglandular_roi(pre, post, breast, np.diag([*spacing, 1.0])).astype(bool)
+    # The skin is max(2 mm, 3 mm voxels) deep: 6 in-plane voxels; the open z ends have none.
+    inside = np.zeros_like(breast)
+    inside[8:32, 8:32, :] = True
+    np.testing.assert_array_equal(roi, band & inside)
+
+
+def test_fibroglandular_roi_is_not_misled_by_noise_on_a_fat_suppressed_scan():
+    # Fat 15, a thin fibroglandular band 30 enhancing by 4, noise 4 drawn anew per phase:
+    # the fat voxels whose noise lifted them above the threshold show a lowered 1dyn - pre,
+    # enough to make the bright class look like the one that does not enhance.
+    rng = np.random.default_rng(5)
+    shape = (40, 40, 10)
+    breast = np.zeros(shape, bool)
+    breast[2:38, 2:38, :] = True
+    band = np.zeros(shape, bool)
+    band[20:24, 2:38, :] = True
+    level = np.where(band, 30.0, 15.0)
+    pre = level + rng.normal(0.0, 4.0, shape)
+    post = level + 4.0 * band + rng.normal(0.0, 4.0, shape)
+    roi = fibroglandular_roi(pre, post, breast, np.eye(4)).astype(bool)
+    kept = band & breast
+    kept[:, :4] = kept[:, 36:] = False
+    assert 2 * (roi & kept).sum() / (roi.sum() + kept.sum()) > 0.8
+
+
+def test_fibroglandular_roi_refuses_a_breast_of_one_intensity():
+    pre, post, breast, _ = _slab(100.0, 100.0)
+    flat = np.full_like(pre, 100.0)
+    with pytest.raises(InputError, match="case 7: the breast mask holds no fat and fib"):
+        fibroglandular_roi(flat, post, breast, np.eye(4), where="case 7")

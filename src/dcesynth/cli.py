@@ -420,7 +420,8 @@ def import_(
     times: Annotated[str | None, typer.Option(help="Acquisition times in s, pre first.")] = None,
     cases: Annotated[str | None, typer.Option(help="Only these case ids, comma-separated.")] = None,
     roi_dir: Annotated[
-        Path | None, typer.Option(help="Folder of {id}.nii.gz breast masks.")
+        Path | None,
+        typer.Option(help="Folder of {id}.nii.gz whole-breast masks; the ROI is derived in them."),
     ] = None,
     mapping: Annotated[
         Path | None, typer.Option(help="Duke file-path mapping spreadsheet.")

@@ -1,10 +1,11 @@
 """Pieces every importer shares: file look-up, spreadsheets, times, grids, case assembly.
 
 Each importer turns one source case into images with their own affines; this module
-puts them on the pre phase's grid (or refuses), fills in the automatic breast ROI
-when no mask is given, and builds the :class:`~dcesynth.case.Case` that
-``save_case`` writes. Problems with one case raise :class:`InputError`; the cohort
-loop turns that into a skip with the message as the reason.
+puts them on the pre phase's grid (or refuses), derives the paper's ROI inside the
+whole-breast mask (given or automatic) where the source has no ROI, and builds the
+:class:`~dcesynth.case.Case` that ``save_case`` writes. Problems with one case raise
+:class:`InputError`; the cohort loop turns that into a skip with the message as the
+reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from openpyxl.utils.exceptions import InvalidFileException
 from scipy import ndimage
 
 from dcesynth.case import Case, check_integer_labels, validate_times
-from dcesynth.data.breast_mask import automatic_breast_mask
+from dcesynth.data.breast_mask import automatic_breast_mask, fibroglandular_roi
 from dcesynth.io import AFFINE_ATOL, InputError, load_nifti
 
 Image = tuple[np.ndarray, np.ndarray]
@@ -242,15 +243,26 @@ def integer_labels(name: str, data: np.ndarray) -> np.ndarray:
     return np.asarray(check_integer_labels(name, data)).astype(np.int16)
 
 
+def given_mask(mask: tuple[str, Image], grid, resample: bool, what: str) -> np.ndarray:
+    """A user's mask binarised (> 0) on the pre phase's grid; InputError when empty."""
+    name, (data, affine) = mask
+    binary = (integer_labels(name, data) > 0).astype(np.uint8)
+    on_pre = on_grid(name, (binary, affine), grid, resample, 0)
+    if not on_pre.any():
+        raise InputError(f"{name}: {what} is empty")
+    return on_pre
+
+
 def assemble_case(
     case_id: str,
     source: str,
     phases: list[tuple[str, Image]],
     times_s: list[float],
     seg: tuple[str, Image] | None,
-    roi: tuple[str, Image] | None,
     resample: bool,
     extra: dict[str, Any],
+    roi: tuple[str, Image] | None = None,
+    breast: tuple[str, Image] | None = None,
 ) -> Case:
     """Put everything on the pre phase's grid and build the case.
 
@@ -260,10 +272,13 @@ def assemble_case(
         phases: (name, image) per phase, pre first.
         times_s: contract times, one per phase.
         seg: (name, integer label image), or None for no lesion labels (all 0).
-        roi: (name, mask image), or None for the automatic breast mask, which sets
-            ``roi_automatic`` in ``meta.json``.
         resample: resample images on another grid instead of refusing them.
         extra: further ``meta.json`` fields.
+        roi: (name, mask image) of the paper's ROI, used as given.
+        breast: (name, whole-breast mask image) to derive the ROI in
+            (``fibroglandular_roi``, lesion outlines added; ``roi_derived`` in
+            ``meta.json``). Without ``roi`` and ``breast``, the automatic breast mask
+            is derived from, which sets ``roi_automatic``.
 
     Raises:
         InputError: non-finite phases, grids that differ without ``resample``,
@@ -281,15 +296,20 @@ def assemble_case(
     else:
         labels = on_grid(seg[0], (integer_labels(seg[0], seg[1][0]), seg[1][1]), grid, resample, 0)
     extra = dict(extra)
-    if roi is None:
-        mask = automatic_breast_mask(stack.mean(axis=0), grid[1], where=case_id)
-        extra["roi_automatic"] = True
-    else:
-        binary = (integer_labels(roi[0], roi[1][0]) > 0).astype(np.uint8)
-        mask = on_grid(roi[0], (binary, roi[1][1]), grid, resample, 0)
-        if not mask.any():
-            raise InputError(f"{roi[0]}: the breast ROI is empty")
+    if roi is not None:
+        mask = given_mask(roi, grid, resample, "the breast ROI")
         extra.setdefault("roi_automatic", False)
+    else:
+        if breast is None:
+            whole = automatic_breast_mask(stack.mean(axis=0), grid[1], where=case_id)
+        else:
+            whole = given_mask(breast, grid, resample, "the breast mask")
+        mask = fibroglandular_roi(stack[0], stack[1], whole, grid[1], where=case_id)
+        if not extra.get("seg_is_box", False):
+            # Lesions belong to the paper's ROI whatever their pre-contrast intensity.
+            mask = mask | (labels > 0)
+        extra["roi_automatic"] = breast is None
+        extra["roi_derived"] = True
     lesions = [{"label": int(label)} for label in np.unique(labels) if label > 0]
     return Case(
         case_id=case_id,

@@ -118,7 +118,6 @@ class DukeSource(CaseSource):
             where = f"{self.annotations} ({case_id})"
             seg = (where, (box_labels(pre.shape, boxes, order, where), pre_affine))
             extra["seg_is_box"] = True
-        roi = roi_from_dir(self.rois, case_id)
         names = [str(series.folder) for series in phases]
         return assemble_case(
             case_id,
@@ -126,7 +125,7 @@ class DukeSource(CaseSource):
             [(name, image) for name, (image, _) in zip(names, read, strict=True)],
             times_s,
             seg=seg,
-            roi=roi,
+            breast=roi_from_dir(self.rois, case_id),
             resample=self.resample,
             extra=extra,
         )

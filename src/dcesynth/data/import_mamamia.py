@@ -89,7 +89,7 @@ class MamaMiaSource(CaseSource):
             phases,
             times_s,
             seg=(str(seg_path), ((seg_data > 0).astype(np.int16), seg_affine)),
-            roi=roi_from_dir(self.rois, stem),
+            breast=roi_from_dir(self.rois, stem),
             resample=self.resample,
             extra={"times_origin": origin},
         )

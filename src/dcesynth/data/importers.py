@@ -78,8 +78,9 @@ def import_cohort(
             source gives no times. Its count must match a case's phases.
         case_ids: import only these cases (matched ignoring case); the others
             listed but not found are skipped with a reason.
-        roi_dir: folder of ``{case_id}.nii.gz`` breast masks (mama-mia, duke);
-            without it the automatic breast mask is used (``roi_automatic``).
+        roi_dir: folder of ``{case_id}.nii.gz`` whole-breast masks (mama-mia, duke);
+            without it the automatic breast mask is used (``roi_automatic``). The
+            ROI is derived inside the breast mask (``roi_derived``).
         mapping: Duke's file-path mapping spreadsheet (duke only).
         annotations: Duke's ``Annotation_Boxes.xlsx`` (duke only).
         resample: resample phases and masks whose grid differs from the pre
