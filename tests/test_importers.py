@@ -569,20 +569,27 @@ def test_automatic_breast_mask_refuses_an_image_without_two_breasts():
         automatic_breast_mask(5.0 + 95.0 * body, RAS_AFFINE)
 
 
-def _slab(fat_level: float, fgt_level: float):
-    """A (40, 40, 10) breast slab, open at both z ends, its fibroglandular band at x 20-29.
+def _slab(fat, fgt, band_x=slice(20, 30), enhancement=20.0, noise=2.0, fresh_noise=False):
+    """A (40, 40, 10) breast slab, open at both z ends, a fibroglandular band along y.
 
-    Returns the pre and 1dyn images (the band enhances by 20), the mask and the band.
+    Args:
+        fat, fgt: pre-contrast levels of fat and of the band at x ``band_x``.
+        enhancement: the band's 1dyn - pre.
+        noise: standard deviation of the Gaussian noise.
+        fresh_noise: 1dyn gets noise of its own, not pre's.
+
+    Returns:
+        The pre and 1dyn images, the breast mask and the band.
     """
     rng = np.random.default_rng(3)
     shape = (40, 40, 10)
     breast = np.zeros(shape, bool)
     breast[2:38, 2:38, :] = True
     band = np.zeros(shape, bool)
-    band[20:30, 2:38, :] = True
-    band &= breast
-    pre = np.where(band, fgt_level, fat_level) + rng.normal(0.0, 2.0, shape)
-    post = pre + 20.0 * band
+    band[band_x, 2:38, :] = True
+    level = np.where(band, fgt, fat)
+    pre = level + rng.normal(0.0, noise, shape)
+    post = (level + rng.normal(0.0, noise, shape) if fresh_noise else pre) + enhancement * band
     return pre, post, breast, band
 
 
@@ -598,20 +605,14 @@ def test_fibroglandular_roi_keeps_the_enhancing_class_without_the_skin(fat, fgt)
 
 
 def test_fibroglandular_roi_is_not_misled_by_noise_on_a_fat_suppressed_scan():
-    # Fat 15, a thin fibroglandular band 30 enhancing by 4, noise 4 drawn anew per phase:
-    # the fat voxels whose noise lifted them above the threshold show a lowered 1dyn - pre,
+    # A thin band, 15 above fat, enhancing by 4, noise 4 drawn anew per phase: the fat
+    # voxels whose noise lifted them above the threshold show a lowered 1dyn - pre,
     # enough to make the bright class look like the one that does not enhance.
-    rng = np.random.default_rng(5)
-    shape = (40, 40, 10)
-    breast = np.zeros(shape, bool)
-    breast[2:38, 2:38, :] = True
-    band = np.zeros(shape, bool)
-    band[20:24, 2:38, :] = True
-    level = np.where(band, 30.0, 15.0)
-    pre = level + rng.normal(0.0, 4.0, shape)
-    post = level + 4.0 * band + rng.normal(0.0, 4.0, shape)
+    pre, post, breast, band = _slab(
+        15.0, 30.0, band_x=slice(20, 24), enhancement=4.0, noise=4.0, fresh_noise=True
+    )
     roi = fibroglandular_roi(pre, post, breast, np.eye(4)).astype(bool)
-    kept = band & breast
+    kept = band.copy()
     kept[:, :4] = kept[:, 36:] = False
     assert 2 * (roi & kept).sum() / (roi.sum() + kept.sum()) > 0.8
 
