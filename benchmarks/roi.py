@@ -54,6 +54,7 @@ def score_case(folder: Path, factor: int = 1) -> dict[str, dict[str, float]]:
     roi = pooled(case.roi.astype(np.float32), factor) >= 0.5
     seg = (pooled((case.seg > 0).astype(np.float32), factor) >= 0.5).astype(np.int16)
     affine = case.affine @ np.diag([factor, factor, factor, 1.0])
+    breast = automatic_breast_mask(phases.mean(axis=0), affine, where=case.case_id)
     names = ["pre", *(f"{k}dyn" for k in range(1, len(phases)))]
     imported = assemble_case(
         case.case_id,
@@ -63,11 +64,11 @@ def score_case(folder: Path, factor: int = 1) -> dict[str, dict[str, float]]:
         seg=("seg", (seg, affine)),
         resample=False,
         extra={},
+        breast=("automatic breast mask", (breast, affine)),
     )
-    breast = automatic_breast_mask(phases.mean(axis=0), affine, where=case.case_id) > 0
     post, reference = phases[1], phases[1][roi]
     scores = {}
-    for name, mask in zip(MASKS, (imported.roi > 0, breast), strict=True):
+    for name, mask in zip(MASKS, (imported.roi > 0, breast > 0), strict=True):
         inside = post[mask]
         scores[name] = {
             "dice": float(2 * (mask & roi).sum() / (mask.sum() + roi.sum())),

@@ -187,13 +187,13 @@ def fibroglandular_roi(
     inside = np.pad(np.asarray(breast) > 0, 1, mode="edge")
     depth_mm = ndimage.distance_transform_edt(inside, sampling=spacing_mm)[1:-1, 1:-1, 1:-1]
     tissue = depth_mm > max(SKIN_MM, float(spacing_mm.max()))
-    values = np.asarray(pre, dtype=np.float32)[tissue]
+    pre64, post64 = np.asarray(pre, dtype=np.float64), np.asarray(post, dtype=np.float64)
+    values = pre64[tissue]
     if values.size < 2 or values.min() == values.max():
         raise InputError(
             f"{where}: the breast mask holds no fat and fibroglandular tissue to tell "
             f"apart ({values.size} voxels inside its skin); check the mask and the pre phase"
         )
-    pre64, post64 = np.asarray(pre, dtype=np.float64), np.asarray(post, dtype=np.float64)
     bright = _above_otsu(pre64, tissue)
     # Which class enhances is read on classes split on the mean of pre and 1dyn: voxels
     # picked for a high pre (noise included) show a low 1dyn - pre, those picked on the
