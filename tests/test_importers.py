@@ -598,9 +598,9 @@ def test_fibroglandular_roi_keeps_the_enhancing_class_without_the_skin(fat, fgt)
     spacing = (0.5, 0.5, 3.0)
     pre, post, breast, band = _slab(fat, fgt)
     roi = fibroglandular_roi(pre, post, breast, np.diag([*spacing, 1.0])).astype(bool)
-    # The skin is max(2 mm, 3 mm voxels) deep: 6 in-plane voxels; the open z ends have none.
+    # 2 mm of skin: 4 voxels in-plane, one 3 mm slice (none at the open z ends).
     inside = np.zeros_like(breast)
-    inside[8:32, 8:32, :] = True
+    inside[6:34, 6:34, :] = True
     np.testing.assert_array_equal(roi, band & inside)
 
 

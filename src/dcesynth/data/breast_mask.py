@@ -160,8 +160,8 @@ def fibroglandular_roi(
 ) -> np.ndarray:
     """The paper's ROI (fibroglandular tissue, lesions included) inside a whole-breast mask.
 
-    The skin, every voxel within ``SKIN_MM`` (at least one voxel) of the mask's outside
-    inside the field of view, is dropped; the pre-contrast intensities of the rest split
+    The skin, ``SKIN_MM`` deep (at least one voxel along each axis) from the mask's
+    outside inside the field of view, is dropped; the pre-contrast intensities of the rest split
     into two classes at their Otsu threshold (SimpleITK), fat and fibroglandular tissue.
     Fat is the bright class without fat suppression and the dark one with it, so the
     class is chosen by contrast uptake: fibroglandular tissue (and any lesion) enhances,
@@ -183,10 +183,13 @@ def fibroglandular_roi(
             intensities do not form two classes.
     """
     spacing_mm = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    # The skin's depth in voxels along each axis, at least one; distances are measured in
+    # those units, so that the skin is 1 deep whatever the voxels' anisotropy.
+    skin_voxels = np.maximum(1, np.ceil(SKIN_MM / spacing_mm - 1e-9))
     # Edge padding: tissue cut by the field of view has no skin there.
     inside = np.pad(np.asarray(breast) > 0, 1, mode="edge")
-    depth_mm = ndimage.distance_transform_edt(inside, sampling=spacing_mm)[1:-1, 1:-1, 1:-1]
-    tissue = depth_mm > max(SKIN_MM, float(spacing_mm.max()))
+    depth = ndimage.distance_transform_edt(inside, sampling=1.0 / skin_voxels)[1:-1, 1:-1, 1:-1]
+    tissue = depth > 1.0 + 1e-9
     pre64, post64 = np.asarray(pre, dtype=np.float64), np.asarray(post, dtype=np.float64)
     values = pre64[tissue]
     if values.size < 2 or values.min() == values.max():
