@@ -161,8 +161,9 @@ def fibroglandular_roi(
     """The paper's ROI (fibroglandular tissue, lesions included) inside a whole-breast mask.
 
     The skin, ``SKIN_MM`` deep (at least one voxel along each axis) from the mask's
-    outside inside the field of view, is dropped; the pre-contrast intensities of the rest split
-    into two classes at their Otsu threshold (SimpleITK), fat and fibroglandular tissue.
+    outside inside the field of view, is dropped; the pre-contrast intensities of the
+    rest split into two classes at their Otsu threshold (SimpleITK), fat and
+    fibroglandular tissue.
     Fat is the bright class without fat suppression and the dark one with it, so the
     class is chosen by contrast uptake: fibroglandular tissue (and any lesion) enhances,
     fat does not. Of the two classes the mean of pre and 1dyn splits into, the one whose
@@ -203,15 +204,16 @@ def fibroglandular_roi(
     # mean do not, as the noise of the mean and of the difference is uncorrelated. The
     # median keeps a large, strongly enhancing lesion from deciding it.
     bright_on_mean = _above_otsu((pre64 + post64) / 2, tissue)
-    classes = [tissue & split for split in (bright, ~bright, bright_on_mean, ~bright_on_mean)]
-    if not all(part.any() for part in classes):
+    bright_pre, dark_pre = tissue & bright, tissue & ~bright
+    bright_mean, dark_mean = tissue & bright_on_mean, tissue & ~bright_on_mean
+    if not all(part.any() for part in (bright_pre, dark_pre, bright_mean, dark_mean)):
         raise InputError(
             f"{where}: the breast's pre-contrast intensities form one class; fat and "
             "fibroglandular tissue cannot be told apart"
         )
     enhancement = post64 - pre64
-    keep_bright = np.median(enhancement[classes[2]]) > np.median(enhancement[classes[3]])
-    return classes[0 if keep_bright else 1].astype(np.uint8)
+    keep_bright = np.median(enhancement[bright_mean]) > np.median(enhancement[dark_mean])
+    return (bright_pre if keep_bright else dark_pre).astype(np.uint8)
 
 
 def _above_otsu(image: np.ndarray, where: np.ndarray) -> np.ndarray:
