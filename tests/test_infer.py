@@ -28,6 +28,8 @@ from dcesynth.infer import (
 )
 from dcesynth.io import InputError, atomic_write_json
 from dcesynth.model import build_model
+from dcesynth.regression import RegressionConfig, RegressionModel, fit_regression
+from dcesynth.rundir import RunDir
 from dcesynth.train.checkpoint import save_weights
 
 TIMES = [0.0, 85.0, 155.0, 225.0, 295.0, 365.0]
@@ -57,8 +59,13 @@ def make_run(
     relative_enhancement=False,
     normalisation="ti",
     case_features=False,
+    prior_model: RegressionModel | None = None,
+    zero_output=False,
 ):
+    """A run folder of an untrained model; with ``prior_model``, an iterU-Net that steps
+    from it; with ``zero_output``, whose U-Net outputs zero."""
     run_dir = tmp_path / f"run_{name}_{relative_enhancement}_{normalisation}_{case_features}"
+    run_dir = run_dir.with_name(run_dir.name + ("_prior" if prior_model else ""))
     (run_dir / "checkpoints").mkdir(parents=True)
     model_config = ModelConfig(
         name=name,
@@ -67,6 +74,7 @@ def make_run(
         relative_enhancement=relative_enhancement,
         normalisation=normalisation,
         case_features=case_features,
+        prior="none" if prior_model is None else "regression",
     )
     config = RunConfig(preset="test", model=model_config, train=TrainConfig(patch=PATCH, amp=False))
     atomic_write_json(run_dir / "config.json", config.to_json())
@@ -78,11 +86,16 @@ def make_run(
         n_targets,
         model_config.pre_channels,
         model_config.n_case_features,
+        prior=prior_model is not None,
     )
-    for module in model.modules():  # a visibly non-trivial output layer
+    for module in model.modules():  # a visibly non-trivial output layer, or a zero one
         if hasattr(module, "final_conv"):
-            torch.nn.init.normal_(module.final_conv.weight, std=0.5)
+            torch.nn.init.normal_(module.final_conv.weight, std=0.0 if zero_output else 0.5)
+            if zero_output:
+                torch.nn.init.zeros_(module.final_conv.bias)
     save_weights(run_dir / "checkpoints" / "last.safetensors", model)
+    if prior_model is not None:
+        prior_model.save(RunDir(run_dir).prior_file)
     return run_dir
 
 
@@ -312,6 +325,45 @@ def test_iterunet_predicts_a_protocol_it_was_not_trained_on(tmp_path):
     assert np.isfinite(prediction.phases).all()
     # Each step is conditioned on its times: later targets differ from earlier ones.
     assert not np.allclose(prediction.phases[0], prediction.phases[-1])
+
+
+def fitted_prior() -> RegressionModel:
+    return fit_regression([make_case], RegressionConfig(sigmas_vox=(1.0,), alpha=1.0))
+
+
+def test_a_network_with_zero_output_predicts_its_regression_prior(tmp_path):
+    case = make_case()
+    prior_model = fitted_prior()
+    run = load_run(make_run(tmp_path, prior_model=prior_model, zero_output=True))
+    assert run.prior_model is not None
+    prediction = predict_case(run, case)
+    expected = prior_model.predict_at(case, TIMES[2:])
+    np.testing.assert_allclose(prediction.phases, expected, rtol=1e-5, atol=1e-3)
+    # From pre, 1dyn and 2dyn: the observed 2dyn plus the prior's change after it.
+    later = predict_case(run, case, inputs="pre,1dyn,2dyn")
+    np.testing.assert_allclose(
+        later.phases, case.phases[2] + expected[1:] - expected[:1], rtol=1e-5, atol=1e-3
+    )
+    # Any protocol: the prior is interpolated at the case's own times.
+    seven = Case("seven", case.phases[:2], [0.0, 85.0], case.seg, case.roi, case.affine)
+    times_s = [0.0, *(85.0 + 60.0 * k for k in range(6))]
+    other = predict_case(run, seven, times_s=times_s)
+    np.testing.assert_allclose(
+        other.phases, prior_model.predict_at(seven, times_s[2:]), rtol=1e-5, atol=1e-3
+    )
+
+
+def test_a_trained_prior_network_adds_its_own_output(tmp_path):
+    case = make_case()
+    prior_model = fitted_prior()
+    run = load_run(make_run(tmp_path, prior_model=prior_model))
+    prediction = predict_case(run, case)
+    assert np.isfinite(prediction.phases).all()
+    roi = case.roi > 0
+    assert (
+        np.abs(prediction.phases[:, roi] - prior_model.predict_at(case, TIMES[2:])[:, roi]).max()
+        > 1
+    )
 
 
 def test_bad_inputs_are_rejected(tmp_path, case_dir):

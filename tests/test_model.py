@@ -416,3 +416,60 @@ def test_case_features_must_fit_the_model(n_case_features, given, match):
     statistics = None if given is None else torch.zeros(given)
     with pytest.raises(ValueError, match=match):
         model(x[:, :1], x[:, 1:], times(85.0, 155.0), case_features=statistics)
+
+
+def prior_iterunet() -> IterUNet:
+    torch.manual_seed(0)
+    return with_random_output(IterUNet(features=SMALL_FEATURES, prior=True)).eval()
+
+
+@torch.no_grad()
+def test_a_prior_model_with_zero_output_follows_the_prior_changes():
+    """next = current + (prior[target] - prior[current]) + U-Net, free-running and
+    teacher-forced; the U-Net sees the prior's change as its last input channel."""
+    model = prior_iterunet()
+    torch.nn.init.zeros_(model.unet.final_conv.weight)
+    torch.nn.init.zeros_(model.unet.final_conv.bias)
+    x, prior, teacher = phases(2), phases(4) * 3, phases(3) - 1
+    calls = record_unet_inputs(model)
+    free = model(x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0, 295.0), prior=prior)
+    torch.testing.assert_close(free, x[:, 1:] + prior[:, 1:] - prior[:, :1])
+    torch.testing.assert_close(calls[1][:, 2:], prior[:, 2:3] - prior[:, 1:2])
+    forced = model(
+        x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0, 295.0), teacher=teacher, prior=prior
+    )
+    inputs = torch.cat([x[:, 1:], teacher[:, :-1]], dim=1)
+    torch.testing.assert_close(forced, inputs + prior[:, 1:] - prior[:, :-1])
+
+
+@torch.no_grad()
+def test_a_prior_model_with_zero_prior_changes_is_a_model_with_one_more_input():
+    model = prior_iterunet()
+    x = phases(2)
+    flat = x[:, 1:].expand(-1, 3, -1, -1, -1)
+    out = model(x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0), prior=flat)
+    assert model.unet.in_channels == 3  # pre, current, the prior's change
+    assert out.shape == (2, 2, *SHAPE[2:])
+    assert (out - x[:, 1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("with_prior", "given", "match"),
+    [
+        (True, None, r"takes a prior of shape \(2, 3, 16, 16, 32\); got None"),
+        (True, (2, 2, 16, 16, 32), r"got \(2, 2, 16, 16, 32\)"),
+        (False, (2, 3, 16, 16, 32), "takes no prior"),
+    ],
+)
+def test_a_prior_must_fit_the_model(with_prior, given, match):
+    model = prior_iterunet() if with_prior else small_iterunet()
+    x = phases(2)
+    prior = None if given is None else torch.zeros(given)
+    with pytest.raises(ValueError, match=match):
+        model(x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0), prior=prior)
+
+
+def test_only_iterunet_is_built_with_a_prior():
+    assert build_model("iterunet", SMALL_FEATURES, True, 4, prior=True).uses_prior
+    with pytest.raises(ValueError, match="only iterunet steps from a prior, not 'baseline'"):
+        build_model("baseline", SMALL_FEATURES, False, 4, prior=True)

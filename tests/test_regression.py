@@ -58,6 +58,23 @@ def test_learns_a_voxelwise_law_of_pre_and_1dyn():
     assert np.array_equal(predicted[:, ~roi], np.repeat(case.phases[1][None], 2, 0)[:, ~roi])
 
 
+def test_predictions_at_other_times_interpolate_the_fitted_phases_linearly():
+    model = fitted([law_case(0), law_case(1)])
+    case = law_case(2)
+    fitted_phases = model.predict_case(case)  # at 155 s and 225 s
+    post = case.phases[1]
+    at = model.predict_at(case, [155.0, 190.0, 120.0, 500.0, 40.0])
+    np.testing.assert_allclose(at[0], fitted_phases[0], atol=1e-4)
+    np.testing.assert_allclose(at[1], (fitted_phases[0] + fitted_phases[1]) / 2, atol=1e-3)
+    np.testing.assert_allclose(at[2], (post + fitted_phases[0]) / 2, atol=1e-3)
+    # Held at the last fitted phase after it, at 1dyn before 1dyn's time.
+    np.testing.assert_allclose(at[3], fitted_phases[1], atol=1e-4)
+    np.testing.assert_allclose(at[4], post, atol=1e-4)
+    series = model.predict_series(case, [155.0, 190.0])
+    np.testing.assert_array_equal(series[:2], case.phases[:2])
+    np.testing.assert_array_equal(series[2:], at[:2])
+
+
 def test_features_are_named_and_polynomial_terms_follow_their_powers():
     config = RegressionConfig(sigmas_vox=(1.0, 2.0))
     case = law_case(0)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,8 +20,15 @@ from dcesynth.cli import app
 from dcesynth.config import PRESETS, RunConfig, preset
 from dcesynth.model import UNet3D, build_model
 from dcesynth.phantom import PhantomConfig, simulate_cohort
+from dcesynth.regression import RegressionModel, fit_regression
 from dcesynth.rundir import RunDir
-from dcesynth.train.trainer import Trainer, build_trainer, stages, teacher_probability
+from dcesynth.train.trainer import (
+    Trainer,
+    build_trainer,
+    stages,
+    teacher_probability,
+    training_split,
+)
 
 TINY_FEATURES = (4, 4, 8, 8, 16, 4)
 
@@ -125,6 +133,7 @@ def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, str
         ("--normalisation=pre", ("model", "normalisation"), "pre", "warm-up"),
         ("--scheduled-sampling=0.5", ("train", "scheduled_sampling"), 0.5, "warm-up"),
         ("--case-features", ("model", "case_features"), True, "warm-up"),
+        ("--prior=regression", ("model", "prior"), "regression", "warm-up"),
     ],
     ids=[
         "no-warmup",
@@ -133,6 +142,7 @@ def test_resume_continues_exactly_across_and_within_stages(cohort, tmp_path, str
         "pre-normalisation",
         "scheduled-sampling",
         "case-features",
+        "regression-prior",
     ],
 )
 def test_cli_ablation_flags_train_and_are_recorded(
@@ -285,6 +295,34 @@ def test_the_baseline_refuses_a_cohort_of_mixed_protocols(mixed_cohort, tmp_path
         "cases have 4, 6, 8 phases; train iterU-Net on a mixed cohort, or the baseline on "
         "cases of one protocol\n"
     )
+    assert not run.exists()
+
+
+def test_a_regression_prior_is_fitted_on_the_training_cases_and_resumes_exactly(cohort, tmp_path):
+    config = tiny(preset("demo", prior="regression"))
+    straight = build_trainer(cohort, tmp_path / "straight", config)
+    train_dirs, val_dirs = training_split(cohort, config.train)
+    saved = RegressionModel.load(RunDir(tmp_path / "straight").prior_file)
+    expected = fit_regression([lambda d=d: load_case(d) for d in train_dirs], config.regression)
+    np.testing.assert_array_equal(saved.coef, expected.coef)
+    batch = straight.batches[0]
+    # The prior's pre and 1dyn are the patch's own (before the phases' intensity noise).
+    assert batch["prior"].shape == batch["phases"].shape
+    np.testing.assert_allclose(
+        straight.val_cases[0].prior[:2], straight.val_cases[0].phases[:2], atol=1e-5
+    )
+    straight.fit(max_steps=6)
+    build_trainer(cohort, tmp_path / "resumed", config).fit(max_steps=5)
+    resumed = build_trainer(cohort, tmp_path / "resumed", config, resume=True)
+    resumed.fit(max_steps=6)
+    assert_same_weights(weights(resumed), weights(straight))
+
+
+def test_a_regression_prior_refuses_a_cohort_of_mixed_protocols(mixed_cohort, tmp_path):
+    run = tmp_path / "run"
+    result = train_cli(mixed_cohort, "--out", run, "--prior", "regression", "--max-steps", 1)
+    assert result.exit_code == 2
+    assert "the regression model predicts one protocol" in result.stderr
     assert not run.exists()
 
 

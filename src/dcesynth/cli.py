@@ -300,6 +300,14 @@ def train(
             "the preset's).",
         ),
     ] = None,
+    prior: Annotated[
+        str | None,
+        typer.Option(
+            help="What iterU-Net's steps start from: none (the current phase, the paper's) "
+            "or regression (plus the change a regression model fitted on the training "
+            "cases predicts; default: the preset's).",
+        ),
+    ] = None,
 ) -> None:
     """Train iterU-Net (two stages), the per-phase baseline or the regression model."""
     from dcesynth import pipeline
@@ -315,6 +323,7 @@ def train(
         normalisation=normalisation,
         scheduled_sampling=scheduled_sampling,
         case_features=case_features,
+        prior=prior,
     )
     pipeline.train(
         data,

@@ -17,6 +17,8 @@ from dcesynth.regression import RegressionConfig
 
 MODEL_CHOICES = ("iterunet", "baseline", "regression")
 
+PRIORS = ("none", "regression")
+
 PAPER_FEATURES = (28, 32, 64, 128, 256, 28)
 
 
@@ -40,6 +42,11 @@ class ModelConfig:
         case_features: condition the network on the breast's enhancement statistics
             (``dcesynth.data.tinorm.case_features``), embedded beside the time in every
             U-Net block; False is the paper's model.
+        prior: what iterU-Net's steps start from. "none": the current phase (the
+            paper's residual, ``next = current + U-Net``). "regression": the current
+            phase plus the change that a regression model (``dcesynth.regression``,
+            fitted on the run's training cases) predicts from the current to the target
+            time; the U-Net sees that change as an input and learns what to add to it.
     """
 
     name: str = "iterunet"
@@ -48,12 +55,17 @@ class ModelConfig:
     relative_enhancement: bool = False
     normalisation: str = "ti"
     case_features: bool = False
+    prior: str = "none"
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(
                 f"model.normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}"
             )
+        if self.prior not in PRIORS:
+            raise ValueError(f"model.prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.prior != "none" and self.name != "iterunet":
+            raise ValueError(f"model.prior {self.prior!r} is for iterunet, not {self.name!r}")
 
     @property
     def pre_channels(self) -> int:
@@ -254,6 +266,7 @@ def preset(
     normalisation: str | None = None,
     scheduled_sampling: float | None = None,
     case_features: bool | None = None,
+    prior: str | None = None,
 ) -> RunConfig:
     """The named preset with the command line's model choice, ablations and overrides applied.
 
@@ -268,6 +281,8 @@ def preset(
             ``NORMALISATIONS``).
         scheduled_sampling: replaces the preset's ``TrainConfig.scheduled_sampling``.
         case_features: replaces the preset's ``ModelConfig.case_features`` when given.
+        prior: replaces the preset's ``ModelConfig.prior`` (a value of ``PRIORS``) when
+            given; only iterU-Net takes one, so the other models drop the preset's.
     """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -282,6 +297,10 @@ def preset(
         raise InputError(
             f"--scheduled-sampling: a share of stage 2 from 0 to 1, got {scheduled_sampling}"
         )
+    if prior is not None and prior not in PRIORS:
+        raise InputError(f"--prior: unknown prior {prior!r}; choose {', '.join(PRIORS)}")
+    if prior not in (None, "none") and model != "iterunet":
+        raise InputError(f"--prior: only iterunet starts from a prior, not {model}")
     base = PRESETS[name]
     train = base.train
     if not warmup or model == "baseline":
@@ -304,6 +323,7 @@ def preset(
         temporal=temporal and model == "iterunet",
         normalisation=normalisation or base.model.normalisation,
         case_features=base.model.case_features if case_features is None else case_features,
+        prior=(prior or base.model.prior) if model == "iterunet" else "none",
     )
     from dcesynth import __version__
 

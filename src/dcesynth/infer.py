@@ -11,7 +11,9 @@ observed phase. Predictions are mapped back to signal units and written with
 the input's affine, with a voxelwise kinetic map of the whole synthesized series.
 
 A regression run (``dcesynth.regression``) needs no windows: it predicts the ROI's
-voxels directly from pre and 1dyn, for the protocol it was fitted on.
+voxels directly from pre and 1dyn, for the protocol it was fitted on. An iterU-Net run
+with a regression prior (``ModelConfig.prior``) gets the prior's phases at the case's
+times as windows beside the observed ones.
 """
 
 from __future__ import annotations
@@ -61,13 +63,15 @@ class Prediction:
 
 @dataclass
 class LoadedRun:
-    """A trained model ready for prediction, with the run folder it came from."""
+    """A trained model ready for prediction, with the run folder it came from, and the
+    regression model its network steps from (``ModelConfig.prior``; None without)."""
 
     model: torch.nn.Module | RegressionModel
     config: RunConfig
     device: torch.device
     weights: Path
     run_dir: Path
+    prior_model: RegressionModel | None = None
 
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
@@ -89,12 +93,14 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
             n_targets,
             config.model.pre_channels,
             config.model.n_case_features,
+            prior=config.model.prior != "none",
         )
     except (ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{run.config_file}: cannot build the model ({exc})") from exc
     load_weights(weights, model)
+    prior_model = RegressionModel.load(run.prior_file) if model.uses_prior else None
     model = accelerate(model.to(device).eval(), device)
-    return LoadedRun(model, config, device, weights, run.path)
+    return LoadedRun(model, config, device, weights, run.path, prior_model)
 
 
 def input_names(text: str) -> list[str]:
@@ -141,8 +147,9 @@ def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
 class WindowPredictor:
     """The function sliding_window_inference calls on a batch of windows.
 
-    A window is ``(W, 1 + n_observed + C + 1, x, y, z)``: pre, the observed phases, the
-    model's C context channels (``context_channels``), and as the last channel the mask
+    A window is ``(W, 1 + n_observed + C + P + 1, x, y, z)``: pre, the observed phases,
+    the model's C context channels (``context_channels``), P = 1 + n_targets prior phases
+    for a model that steps from a prior (else P = 0), and as the last channel the mask
     of voxels whose prediction is needed (the breast ROI for ``predict``). Returns
     ``(W, n_targets, x, y, z)``, the model's predictions at ``times_s`` (observed then
     target times). Windows without a needed voxel are not run (the last observed phase
@@ -164,8 +171,10 @@ class WindowPredictor:
         on_windows: Callable[[int], None] | None = None,
         mirror_axes: Sequence[int] = (),
         case_features: torch.Tensor | None = None,
+        n_prior: int = 0,
     ):
         self.model, self.n_context, self.amp, self.on_windows = model, n_context, amp, on_windows
+        self.n_prior = n_prior
         self.times_s = times_s
         self.case_features = case_features
         self.n_targets = n_targets
@@ -175,29 +184,35 @@ class WindowPredictor:
 
     @torch.no_grad()
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        n_images = windows.shape[1] - 1 - self.n_context
-        images, context, needed = windows[:, :n_images], windows[:, n_images:-1], windows[:, -1]
+        n_images = windows.shape[1] - 1 - self.n_context - self.n_prior
+        images, needed = windows[:, :n_images], windows[:, -1]
+        context, prior = windows[:, n_images:-1].split([self.n_context, self.n_prior], dim=1)
         out = images[:, -1:].expand(-1, self.n_targets, *images.shape[2:]).clone()
         active = needed.flatten(1).amax(dim=1) > 0.5
         if active.any():
-            out[active] = self._predict(images[active], context[active])
+            out[active] = self._predict(images[active], context[active], prior[active])
         self.calls += int(active.sum())
         self.skipped += int((~active).sum())
         if self.on_windows:
             self.on_windows(windows.shape[0])
         return out
 
-    def _predict(self, images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _predict(
+        self, images: torch.Tensor, context: torch.Tensor, prior: torch.Tensor
+    ) -> torch.Tensor:
         """The rollout of windows ``images`` (W, 1 + n_observed, ...), averaged over flips."""
         pre = torch.cat([images[:, :1], context], dim=1)
         times_s = self.times_s.expand(images.shape[0], -1)
-        # Only a model built with breast statistics takes them (a plain callable need not).
+        # Only a model built with breast statistics or a prior takes them (a plain
+        # callable need not).
         extra = {}
         if self.case_features is not None:
             extra["case_features"] = self.case_features.expand(images.shape[0], -1)
         total = None
         for dims in self.flips:
             flip = (lambda x, dims=dims: x.flip(dims)) if dims else (lambda x: x)
+            if self.n_prior:
+                extra["prior"] = flip(prior)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 preds = self.model(flip(pre), flip(images[:, 1:]), times_s, **extra)
             preds = flip(preds.float())
@@ -232,6 +247,7 @@ def predict_volume(
     needed: np.ndarray | None = None,
     mirror_axes: Sequence[int] = (),
     case_features: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
 ) -> VolumePrediction:
     """The model's rollout over a whole normalised volume, by sliding windows over its ROI.
 
@@ -252,6 +268,8 @@ def predict_volume(
         mirror_axes: spatial axes to mirror each window over (``WindowPredictor``); each
             one doubles the model's work.
         case_features: ``(K,)`` the case's breast statistics, for a model built with them.
+        prior: ``(1 + K, X, Y, Z)`` normalised prior phases at the last observed time and
+            each target time, for a model that steps from a prior.
 
     Returns:
         The K = ``len(times_s) - T_obs + 1`` predicted phases inside the tiled region
@@ -263,8 +281,14 @@ def predict_volume(
     box = tuple(slice(start, stop) for start, stop in region)
     all_ = slice(None)
     needed = roi if needed is None else needed
+    prior = np.zeros((0, *observed.shape[1:]), np.float32) if prior is None else prior
     stack = np.concatenate(
-        [observed[(all_, *box)], context[(all_, *box)], np.asarray(needed)[box][None] > 0]
+        [
+            observed[(all_, *box)],
+            context[(all_, *box)],
+            prior[(all_, *box)],
+            np.asarray(needed)[box][None] > 0,
+        ]
     ).astype(np.float32)
     predictor = WindowPredictor(
         model,
@@ -275,6 +299,7 @@ def predict_volume(
         on_windows,
         mirror_axes,
         None if case_features is None else torch.as_tensor(case_features, device=device)[None],
+        len(prior),
     )
     batch = window_batch or windows_per_call(device, patch)
     volume = torch.from_numpy(stack)[None].to(device)
@@ -326,6 +351,10 @@ def predict_case(
         raise InputError(f"{case.case_id}: {exc}") from None
     norm = fit_input_norm(case.phases, case.roi, run.config.model.normalisation, where=case.case_id)
     first = len(names)
+    prior = None
+    if run.prior_model is not None:
+        later_s = list(case.times_s[2:first]) + targets
+        prior = norm.forward(run.prior_model.predict_series(case, later_s)[first - 1 :])
     volume = predict_volume(
         run.model,
         norm.forward(case.phases[:first]),
@@ -341,6 +370,7 @@ def predict_case(
         case_features=(
             case_features(case.phases, case.roi, norm) if run.config.model.case_features else None
         ),
+        prior=prior,
     )
     phases = np.repeat(case.phases[first - 1][None], len(targets), axis=0)
     box = tuple(slice(start, stop) for start, stop in volume.region)

@@ -132,14 +132,34 @@ class RegressionModel:
                 f"{case.case_id}: this regression model predicts the protocol {self.times_s} s; "
                 f"the case has {list(case.times_s)}"
             )
+        return self.predict_at(case, self.times_s[2:])
+
+    def predict_at(self, case: Case, times_s: Sequence[float]) -> np.ndarray:
+        """(len(times_s), X, Y, Z) float32 phases of ``case`` at any times, signal units.
+
+        The predicted change from 1dyn is interpolated linearly in time between the
+        fitted protocol's phases (no change at its 1dyn time) and held constant before
+        and after them; at the fitted times it is ``predict_case``'s. Outside the breast
+        ROI every phase is the case's 1dyn.
+        """
         norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
         roi = case.roi > 0
-        post = norm.forward(case.phases[1])
-        change = self.predict_change(voxel_features(case, norm, self.config)[roi])
-        out = np.repeat(case.phases[1][None].astype(np.float32), self.n_targets, axis=0)
-        for k in range(self.n_targets):
-            out[k][roi] = norm.inverse(post[roi] + change[:, k])
+        post = norm.forward(case.phases[1][roi])
+        fitted = self.predict_change(voxel_features(case, norm, self.config)[roi])
+        change = np.concatenate([np.zeros((len(post), 1)), fitted], axis=1)
+        out = np.repeat(case.phases[1][None].astype(np.float32), len(times_s), axis=0)
+        fitted_times_s = self.times_s[1:]
+        for index, time_s in enumerate(times_s):
+            # The linear interpolation's weight of each fitted phase at time_s.
+            weights = [np.interp(time_s, fitted_times_s, unit) for unit in np.eye(change.shape[1])]
+            out[index][roi] = norm.inverse(post + change @ np.asarray(weights))
         return out
+
+    def predict_series(self, case: Case, times_s: Sequence[float]) -> np.ndarray:
+        """(2 + len(times_s), X, Y, Z) float32: the case's pre and 1dyn, then
+        ``predict_at(case, times_s)``; the prior an iterU-Net run steps from."""
+        later = self.predict_at(case, times_s)
+        return np.concatenate([case.phases[:2].astype(np.float32), later])
 
     def save(self, path: Path) -> None:
         """Write the model as safetensors (arrays + JSON metadata), atomically."""

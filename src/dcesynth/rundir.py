@@ -10,6 +10,8 @@ Layout::
     RUN/log.jsonl                        one JSON line per validation
     RUN/train.log                        the human-readable log
     RUN/regression.safetensors           the fitted model of a regression run (no checkpoints)
+    RUN/prior.safetensors                the regression model an iterU-Net run steps from
+                                         (``ModelConfig.prior``), fitted on its training cases
 
 Every other module asks a :class:`RunDir` for these paths rather than spelling them.
 """
@@ -58,6 +60,9 @@ class RunDir:
     log_jsonl = _RunFile("log.jsonl", doc="One JSON line per validation.")
     train_log = _RunFile("train.log", doc="The human-readable log.")
     regression_file = _RunFile("regression.safetensors", doc="A regression run's fitted model.")
+    prior_file = _RunFile(
+        "prior.safetensors", doc="The regression model a network run with a prior steps from."
+    )
 
     def __init__(self, path: Path):
         self.path = Path(path)

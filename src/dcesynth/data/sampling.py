@@ -31,6 +31,7 @@ from monai.data import set_track_meta
 from dcesynth.case import Case
 from dcesynth.data.tinorm import case_features, context_channels, fit_input_norm
 from dcesynth.io import InputError
+from dcesynth.regression import RegressionModel
 
 set_track_meta(False)
 
@@ -49,6 +50,9 @@ class PreparedCase:
         roi_voxels: (M, 3) voxel indices inside the breast ROI.
         lesion_mask: (X, Y, Z) bool lesion mask (padded like ``phases``).
         case_features: (K,) float32 breast statistics (``case_features``); none by default.
+        prior: (T, X, Y, Z) float32 prior prediction of every phase, normalised and padded
+            like ``phases`` (pre and 1dyn as they are), for a model that steps from one
+            (``dcesynth.model.IterUNet``); (0, X, Y, Z) without.
         parenchyma_mask: (X, Y, Z) bool, the ROI's voxels outside lesions (derived).
     """
 
@@ -60,9 +64,12 @@ class PreparedCase:
     roi_voxels: np.ndarray
     lesion_mask: np.ndarray
     case_features: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    prior: np.ndarray | None = None
     parenchyma_mask: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.prior is None:
+            self.prior = np.zeros((0, *self.phases.shape[1:]), dtype=np.float32)
         roi = np.zeros(self.lesion_mask.shape, dtype=bool)
         roi[tuple(self.roi_voxels.T)] = True
         self.parenchyma_mask = roi & ~self.lesion_mask
@@ -74,17 +81,24 @@ def prepare_case(
     relative_enhancement: bool = False,
     normalisation: str = "ti",
     with_case_features: bool = False,
+    prior_model: RegressionModel | None = None,
 ) -> PreparedCase:
     """Normalise ``case`` (``fit_input_norm``) and pad it so that every axis holds at
     least one patch.
 
     ``relative_enhancement`` adds that context channel (``context_channels``);
-    ``with_case_features`` computes the breast statistics (``case_features``).
+    ``with_case_features`` computes the breast statistics (``case_features``);
+    ``prior_model`` predicts the prior of every phase after 1dyn at the case's times.
     """
     norm = fit_input_norm(case.phases, case.roi, normalisation, where=case.case_id)
     phases = norm.forward(case.phases)
     pad = [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch, case.shape, strict=True)]
-    phases = np.pad(phases, pad, mode="constant", constant_values=float(phases.min()))
+    fill = float(phases.min())
+    phases = np.pad(phases, pad, mode="constant", constant_values=fill)
+    prior = None
+    if prior_model is not None:
+        prior = norm.forward(prior_model.predict_series(case, case.times_s[2:]))
+        prior = np.pad(prior, pad, mode="constant", constant_values=fill).astype(np.float32)
     context = np.pad(context_channels(case.phases, relative_enhancement), pad)
     lesion = np.pad(case.seg > 0, pad[1:])
     roi = np.pad(case.roi > 0, pad[1:])
@@ -101,6 +115,7 @@ def prepare_case(
         lesion_voxels=np.argwhere(lesion),
         roi_voxels=np.argwhere(roi),
         lesion_mask=lesion,
+        prior=prior,
     )
 
 
@@ -176,7 +191,8 @@ class PatchBatches(torch.utils.data.Dataset):
     ``cases_per_step`` without ``roi_patch`` (the lesion patches alone).
 
     Items are dicts with ``phases`` (B, T, *patch) float32, ``context`` (B, C, *patch)
-    float32, ``times_s`` (B, T), ``case_features`` (B, K), and ``lesion`` and
+    float32, ``prior`` (B, T or 0, *patch) float32 (``PreparedCase.prior``, augmented
+    with the context), ``times_s`` (B, T), ``case_features`` (B, K), and ``lesion`` and
     ``parenchyma`` (B, 1, *patch) bool, each patch's lesion mask and its ROI outside
     lesions. T is the phase count of the step's cases (see the module docstring for mixed
     protocols).
@@ -212,7 +228,7 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, self.rank])
-        patches, contexts, times, masks, statistics = [], [], [], [], []
+        patches, contexts, priors, times, masks, statistics = [], [], [], [], [], []
         group = self.groups[0]
         if len(self.groups) > 1:
             group = self.groups[rng.choice(len(self.groups), p=self.group_shares)]
@@ -225,22 +241,27 @@ class PatchBatches(torch.utils.data.Dataset):
                     centre = centre + rng.integers(-self.max_offset, self.max_offset + 1)
                 start = crop_start(centre, self.patch, case.phases.shape[1:])
                 sample = crop(case.phases, start, self.patch)
-                context = crop(case.context, start, self.patch)
+                fixed = np.concatenate(
+                    [crop(case.context, start, self.patch), crop(case.prior, start, self.patch)]
+                )
                 mask = np.stack(
                     [crop(m, start, self.patch) for m in (case.lesion_mask, case.parenchyma_mask)]
                 )
                 if self.transform is not None:
-                    sample, context, mask = self.transform(
-                        sample, context, mask, int(rng.integers(2**31 - 1))
+                    sample, fixed, mask = self.transform(
+                        sample, fixed, mask, int(rng.integers(2**31 - 1))
                     )
+                context, prior = np.split(fixed, [len(case.context)])
                 patches.append(torch.as_tensor(np.ascontiguousarray(sample), dtype=torch.float32))
                 contexts.append(torch.as_tensor(np.ascontiguousarray(context), dtype=torch.float32))
+                priors.append(torch.as_tensor(np.ascontiguousarray(prior), dtype=torch.float32))
                 masks.append(torch.as_tensor(np.ascontiguousarray(mask)))
                 times.append(torch.as_tensor(case.times_s))
                 statistics.append(torch.as_tensor(case.case_features))
         return {
             "phases": torch.stack(patches),
             "context": torch.stack(contexts),
+            "prior": torch.stack(priors),
             "times_s": torch.stack(times),
             "case_features": torch.stack(statistics),
             "lesion": torch.stack(masks)[:, :1],

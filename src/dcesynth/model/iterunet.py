@@ -30,8 +30,11 @@ class PhaseModel(nn.Module):
     `forward` checks the arguments and the model's own rule for which protocols it serves
     (`check_protocol`), then runs `rollout`. A model built with `n_case_features` K > 0
     also takes each case's breast statistics (`dcesynth.data.tinorm.case_features`),
-    embedded (`CaseEmbedding`) and added to every step's embedding.
+    embedded (`CaseEmbedding`) and added to every step's embedding. An iterU-Net built
+    with `prior` takes a prior prediction of the phases and steps from it (`IterUNet`).
     """
+
+    uses_prior = False
 
     def forward(
         self,
@@ -41,6 +44,7 @@ class PhaseModel(nn.Module):
         teacher: torch.Tensor | None = None,
         teacher_mask: torch.Tensor | None = None,
         case_features: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the phases at the target times.
 
@@ -54,6 +58,9 @@ class PhaseModel(nn.Module):
                 sampling: the model's own prediction goes in where False); None feeds all.
             case_features: `(B, n_case_features)` breast statistics; exactly when the
                 model is built with them.
+            prior: `(B, 1 + K, X, Y, Z)` a prior prediction of the phases at the last
+                observed time then at each target time, in the inputs' units; exactly
+                when the model is built with one (`uses_prior`).
 
         Returns:
             `(B, K, X, Y, Z)` predictions, one per target time.
@@ -68,7 +75,14 @@ class PhaseModel(nn.Module):
         except ValueError as exc:
             raise ValueError(f"times_s: {exc}") from None
         case = self.embed_case(case_features, pre.shape[0])
-        return self.rollout(pre, observed, times_s, teacher, teacher_mask, case)
+        expected = (pre.shape[0], n_targets + 1, *pre.shape[2:])
+        if (prior is not None) != self.uses_prior or (
+            prior is not None and tuple(prior.shape) != expected
+        ):
+            wanted = f"a prior of shape {expected}" if self.uses_prior else "no prior"
+            got = None if prior is None else tuple(prior.shape)
+            raise ValueError(f"prior: this model takes {wanted}; got {got}")
+        return self.rollout(pre, observed, times_s, teacher, teacher_mask, case, prior)
 
     @property
     def n_case_features(self) -> int:
@@ -96,7 +110,7 @@ class PhaseModel(nn.Module):
         """Raise ValueError unless the model predicts `n_targets` phases after `n_observed`."""
         raise NotImplementedError
 
-    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None, prior=None):
         """`forward` after its checks; the same arguments and result, with the breast
         statistics as their `(B, time_dim)` embedding `case` (None without)."""
         raise NotImplementedError
@@ -114,6 +128,12 @@ class IterUNet(PhaseModel):
     the level-0 features carries `(hidden, cell)` from step to step, starting at zeros.
     `temporal=False` (the paper's ablation) has neither, and no parameters for them.
 
+    With `prior` (beyond the paper) each step starts from the prior's change instead of
+    no change: `next = current + (prior[target] - prior[current]) + U-Net`, the U-Net
+    seeing that change as one more input channel. From a regression model's prediction
+    (`dcesynth.regression`), the U-Net learns what the regression misses rather than the
+    whole enhancement; with a zero U-Net output the rollout ends on the prior.
+
     Args:
         in_channels: network input channels: the pre-contrast image's channels + 1.
         features: six channel counts (see `UNet3D`).
@@ -123,6 +143,7 @@ class IterUNet(PhaseModel):
         norm: normalisation, MONAI form.
         n_case_features: K breast statistics per case (`PhaseModel`); 0 for none, the
             paper's model.
+        prior: step from a prior prediction (see above); False is the paper's model.
     """
 
     def __init__(
@@ -134,13 +155,15 @@ class IterUNet(PhaseModel):
         act: str | tuple = DEFAULT_ACT,
         norm: str | tuple = DEFAULT_NORM,
         n_case_features: int = 0,
+        prior: bool = False,
     ):
         super().__init__()
         self.temporal = temporal
+        self.uses_prior = prior
         self.time_embedding = TimeEmbedding(time_dim) if temporal else None
         self.case_embedding = CaseEmbedding(n_case_features, time_dim) if n_case_features else None
         self.unet = UNet3D(
-            in_channels,
+            in_channels + int(prior),
             out_channels=1,
             features=features,
             time_dim=time_dim if temporal or n_case_features else None,
@@ -149,7 +172,7 @@ class IterUNet(PhaseModel):
             norm=norm,
         )
 
-    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None, prior=None):
         """Predict every target phase in order, starting from the last observed phase.
 
         With several observed phases, the earlier ones only warm up the ConvLSTM state, so
@@ -164,30 +187,48 @@ class IterUNet(PhaseModel):
         """
         n_observed = observed.shape[1]
         n_targets = times_s.shape[1] - n_observed
+        # The prior's change over each step, zero without a prior; an input channel with one.
+        changes = (
+            prior[:, 1:] - prior[:, :-1]
+            if prior is not None
+            else observed.new_zeros((observed.shape[0], n_targets, *observed.shape[2:]))
+        )
+        step_inputs = changes.split(1, 1) if prior is not None else [None] * n_targets
         state = None
         for index in range(n_observed - 1):
-            state = self.unet.advance(torch.cat([pre, observed[:, index : index + 1]], 1), state)
+            # Earlier observed phases only warm up the state; a prior's change is zero there.
+            x = torch.cat([pre, observed[:, index : index + 1]], 1)
+            if prior is not None:
+                x = torch.cat([x, torch.zeros_like(x[:, -1:])], 1)
+            state = self.unet.advance(x, state)
         current = observed[:, -1:]
         input_times_s = times_s[:, n_observed - 1 : -1]
         target_times_s = times_s[:, n_observed:]
         if teacher is not None and teacher_mask is None:
             inputs = torch.cat([current, teacher[:, :-1]], dim=1)
-            x = torch.cat([torch.cat([pre, phase], 1) for phase in inputs.split(1, 1)])
+            x = torch.cat(
+                [
+                    torch.cat([pre, phase, *([] if change is None else [change])], 1)
+                    for phase, change in zip(inputs.split(1, 1), step_inputs, strict=True)
+                ]
+            )
             embedding = self._embed(
                 input_times_s.T.flatten(),
                 target_times_s.T.flatten(),
                 None if case is None else case.repeat(n_targets, 1),
             )
             deltas, _ = self.unet(x, embedding, state, steps=n_targets)
-            return inputs + torch.cat(deltas.chunk(n_targets), dim=1)
+            return inputs + changes + torch.cat(deltas.chunk(n_targets), dim=1)
         predictions = []
         for step in range(n_targets):
             if teacher is not None and step > 0:
                 fed = teacher_mask[:, step - 1].view(-1, *[1] * (current.ndim - 1))
                 current = torch.where(fed, teacher[:, step - 1 : step], current)
             embedding = self._embed(input_times_s[:, step], target_times_s[:, step], case)
-            delta, state = self.unet(torch.cat([pre, current], dim=1), embedding, state)
-            current = current + delta
+            change = step_inputs[step]
+            x = torch.cat([pre, current, *([] if change is None else [change])], dim=1)
+            delta, state = self.unet(x, embedding, state)
+            current = current + changes[:, step : step + 1] + delta
             predictions.append(current)
         return torch.cat(predictions, dim=1)
 
@@ -252,7 +293,7 @@ class BaselineUNet(PhaseModel):
             for _ in range(n_targets)
         )
 
-    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None):
+    def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None, prior=None):
         """Predict the phases after the observed ones, each from `pre` and the first one:
         the last K of the `n_targets` phases after `observed[:, 0]`. Times, `teacher` and
         `teacher_mask` are not used. Arguments and result as `PhaseModel.forward`."""
@@ -279,6 +320,7 @@ def build_model(
     n_targets: int,
     pre_channels: int = 1,
     n_case_features: int = 0,
+    prior: bool = False,
 ) -> IterUNet | BaselineUNet:
     """Build a model by name.
 
@@ -292,6 +334,7 @@ def build_model(
             fixed inputs beside it.
         n_case_features: breast statistics per case the model is conditioned on
             (`PhaseModel`); 0 for none.
+        prior: iterU-Net steps from a prior prediction (`IterUNet`); the baseline has none.
 
     Returns:
         The model, with default activation and normalisation.
@@ -302,7 +345,10 @@ def build_model(
             features=features,
             temporal=temporal,
             n_case_features=n_case_features,
+            prior=prior,
         )
+    if prior:
+        raise ValueError(f"prior: only iterunet steps from a prior, not {name!r}")
     if name == "baseline":
         return BaselineUNet(
             n_targets, pre_channels + 1, features=features, n_case_features=n_case_features

@@ -19,6 +19,7 @@ files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ from dcesynth.data.sampling import (
 )
 from dcesynth.io import InputError
 from dcesynth.model import build_model
+from dcesynth.regression import RegressionModel, fit_regression
 from dcesynth.rundir import RunDir
 from dcesynth.train.checkpoint import (
     load_state,
@@ -254,6 +256,7 @@ class Trainer:
         context = batch["context"].to(self.device, non_blocking=True)
         times_s = batch["times_s"].to(self.device)
         statistics = batch["case_features"].to(self.device)
+        prior = batch["prior"].to(self.device, non_blocking=True)[:, 1:]
         targets = phases[:, 2:]
         teacher, teacher_mask = self.teacher_inputs(targets, stage)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -264,6 +267,7 @@ class Trainer:
                 teacher=teacher,
                 teacher_mask=teacher_mask,
                 case_features=statistics if statistics.shape[1] else None,
+                prior=prior if prior.shape[1] else None,
             )
         weight = (
             enhancement_weight(phases[:, 1:2], phases[:, -1:]) if stage.enhancement_mask else None
@@ -385,21 +389,58 @@ def resolve_config(run: RunDir, config: RunConfig, resume: bool) -> RunConfig:
     return saved
 
 
-def load_training_cases(
-    data_dir: Path, train: TrainConfig, model: ModelConfig
-) -> tuple[list[PreparedCase], list[PreparedCase]]:
-    """The training and validation cases of ``data_dir``, split by ``train``'s seed.
-
-    The cases may mix protocols (phase counts and times); ``model`` sets their
-    normalisation and context channels.
+def training_split(data_dir: Path, train: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """The training and validation case folders of ``data_dir``, split by ``train``'s seed.
 
     Raises:
-        InputError: fewer than 2 cases, a bad case, or a case of fewer than 3 phases.
+        InputError: fewer than 2 cases.
     """
     case_dirs = find_cases(data_dir)
     if len(case_dirs) < 2:
         raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
-    train_dirs, val_dirs = split_cases(case_dirs, train.val_fraction, train.seed)
+    return split_cases(case_dirs, train.val_fraction, train.seed)
+
+
+def training_prior(
+    run: RunDir, config: RunConfig, train_dirs: list[Path], resume: bool
+) -> RegressionModel | None:
+    """The regression model a run with ``model.prior == "regression"`` steps from.
+
+    A new run fits it on its training cases alone (the validation cases stay unseen)
+    with ``config.regression``; a resumed run reads the one it saved. None without a prior.
+
+    Raises:
+        InputError: the training cases do not share one protocol, or a resumed run's
+            prior file is missing or unreadable.
+    """
+    if config.model.prior != "regression":
+        return None
+    if resume:
+        return RegressionModel.load(run.prior_file)
+    log.info("fitting the regression prior on %d training cases", len(train_dirs))
+    loaders = [functools.partial(load_case, case_dir) for case_dir in train_dirs]
+    return fit_regression(loaders, config.regression)
+
+
+def load_training_cases(
+    data_dir: Path,
+    train: TrainConfig,
+    model: ModelConfig,
+    split: tuple[list[Path], list[Path]] | None = None,
+    prior_model: RegressionModel | None = None,
+) -> tuple[list[PreparedCase], list[PreparedCase]]:
+    """The training and validation cases of ``data_dir``, split by ``train``'s seed.
+
+    The cases may mix protocols (phase counts and times); ``model`` sets their
+    normalisation and context channels, ``prior_model`` their prior.
+
+    Args:
+        split: the case folders (``training_split``), when already made.
+
+    Raises:
+        InputError: fewer than 2 cases, a bad case, or a case of fewer than 3 phases.
+    """
+    train_dirs, val_dirs = split or training_split(data_dir, train)
     train_cases, val_cases = (
         [
             prepare_case(
@@ -408,6 +449,7 @@ def load_training_cases(
                 model.relative_enhancement,
                 model.normalisation,
                 model.case_features,
+                prior_model,
             )
             for d in dirs
         ]
@@ -498,7 +540,9 @@ def build_trainer(
     device, owns_process_group = prepare_process(world)
     config = resolve_config(run, config, resume)
     train = config.train
-    train_cases, val_cases = load_training_cases(data_dir, train, config.model)
+    split = training_split(data_dir, train)
+    prior_model = training_prior(run, config, split[0], resume)
+    train_cases, val_cases = load_training_cases(data_dir, train, config.model, split, prior_model)
     phase_counts = list(protocol_groups(train_cases + val_cases))
     check_model_fits_cohort(config.model.name, phase_counts, data_dir)
     n_phases = phase_counts[-1]
@@ -523,6 +567,7 @@ def build_trainer(
         n_phases - 2,
         config.model.pre_channels,
         config.model.n_case_features,
+        prior=prior_model is not None,
     ).to(device)
     accelerate(model, device)
     net = distributed(model, device, world)
@@ -543,4 +588,6 @@ def build_trainer(
         trainer.restore()
     elif rank == 0:
         run.create(config)
+        if prior_model is not None:
+            prior_model.save(run.prior_file)
     return trainer

@@ -69,6 +69,7 @@ def validate(
             amp,
             needed=case.lesion_mask if case.lesion_mask.any() else None,
             case_features=case.case_features if len(case.case_features) else None,
+            prior=case.prior[1:] if len(case.prior) else None,
         )
         synth = np.concatenate(
             [case.phases[:2], np.repeat(case.phases[1:2], len(predicted.phases), 0)]
