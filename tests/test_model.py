@@ -473,3 +473,12 @@ def test_only_iterunet_is_built_with_a_prior():
     assert build_model("iterunet", SMALL_FEATURES, True, 4, prior=True).uses_prior
     with pytest.raises(ValueError, match="only iterunet steps from a prior, not 'baseline'"):
         build_model("baseline", SMALL_FEATURES, False, 4, prior=True)
+
+
+@torch.no_grad()
+def test_an_untrained_prior_model_rolls_out_the_prior():
+    torch.manual_seed(0)
+    model = IterUNet(features=SMALL_FEATURES, prior=True).eval()
+    x, prior = phases(2), phases(3) * 2
+    out = model(x[:, :1], x[:, 1:], times(85.0, 155.0, 225.0), prior=prior)
+    torch.testing.assert_close(out, x[:, 1:] + prior[:, 1:] - prior[:, :1])

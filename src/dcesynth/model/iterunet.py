@@ -132,7 +132,8 @@ class IterUNet(PhaseModel):
     no change: `next = current + (prior[target] - prior[current]) + U-Net`, the U-Net
     seeing that change as one more input channel. From a regression model's prediction
     (`dcesynth.regression`), the U-Net learns what the regression misses rather than the
-    whole enhancement; with a zero U-Net output the rollout ends on the prior.
+    whole enhancement; its output convolution starts at zero, so an untrained model's
+    rollout ends on the prior.
 
     Args:
         in_channels: network input channels: the pre-contrast image's channels + 1.
@@ -171,6 +172,10 @@ class IterUNet(PhaseModel):
             act=act,
             norm=norm,
         )
+        if prior:
+            # Training starts from the prior itself, the U-Net adding nothing yet.
+            nn.init.zeros_(self.unet.final_conv.weight)
+            nn.init.zeros_(self.unet.final_conv.bias)
 
     def rollout(self, pre, observed, times_s, teacher, teacher_mask=None, case=None, prior=None):
         """Predict every target phase in order, starting from the last observed phase.
