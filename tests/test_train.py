@@ -322,7 +322,12 @@ def test_a_regression_prior_refuses_a_cohort_of_mixed_protocols(mixed_cohort, tm
     run = tmp_path / "run"
     result = train_cli(mixed_cohort, "--out", run, "--prior", "regression", "--max-steps", 1)
     assert result.exit_code == 2
-    assert "the regression model predicts one protocol" in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert result.stderr.endswith(
+        "s; the regression prior fits one protocol: train with --prior none on a cohort of "
+        "mixed protocols\n"
+    )
+    assert len(result.stderr.splitlines()) == 1
     assert not run.exists()
 
 

@@ -37,6 +37,18 @@ from dcesynth.data.tinorm import TINorm, fit_case_norm, relative_enhancement
 from dcesynth.io import InputError, atomic_write_bytes
 
 
+class MixedProtocols(InputError):
+    """The training cases of a regression model do not share one protocol: case
+    ``case_id`` has ``times_s`` where the cases before it have ``cohort_times_s``."""
+
+    def __init__(self, case_id: str, times_s: list[float], cohort_times_s: list[float]):
+        self.case_id, self.times_s, self.cohort_times_s = case_id, times_s, cohort_times_s
+        super().__init__(
+            f"{case_id}: protocol {times_s} s differs from the cohort's {cohort_times_s} s; "
+            "the regression model predicts one protocol"
+        )
+
+
 @dataclass(frozen=True)
 class RegressionConfig:
     """Features and fit of the regression model.
@@ -250,8 +262,8 @@ def fit_regression(
         on_case: progress callback, called with the number of cases done.
 
     Raises:
-        InputError: no case, a protocol with no phase after 1dyn, or cases whose
-            protocols differ.
+        InputError: no case, or a protocol with no phase after 1dyn.
+        MixedProtocols: cases whose protocols differ.
     """
     if not cases:
         raise InputError("regression: no training case")
@@ -264,10 +276,7 @@ def fit_regression(
             if len(times_s) < 3:
                 raise InputError(f"{case.case_id}: the regression needs a phase after 1dyn")
         elif [float(t) for t in case.times_s] != times_s:
-            raise InputError(
-                f"{case.case_id}: protocol {list(case.times_s)} s differs from the cohort's "
-                f"{times_s} s; the regression model predicts one protocol"
-            )
+            raise MixedProtocols(case.case_id, list(case.times_s), times_s)
         sample = _training_sample(case, config, rng)
         for store, part in zip((features, targets, weights), sample, strict=True):
             store.append(part)

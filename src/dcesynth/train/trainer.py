@@ -45,7 +45,7 @@ from dcesynth.data.sampling import (
 )
 from dcesynth.io import InputError
 from dcesynth.model import build_model
-from dcesynth.regression import RegressionModel, fit_regression
+from dcesynth.regression import MixedProtocols, RegressionModel, fit_regression
 from dcesynth.rundir import RunDir
 from dcesynth.train.checkpoint import (
     load_state,
@@ -419,7 +419,14 @@ def training_prior(
         return RegressionModel.load(run.prior_file)
     log.info("fitting the regression prior on %d training cases", len(train_dirs))
     loaders = [functools.partial(load_case, case_dir) for case_dir in train_dirs]
-    return fit_regression(loaders, config.regression)
+    try:
+        return fit_regression(loaders, config.regression)
+    except MixedProtocols as exc:
+        raise InputError(
+            f"{exc.case_id}: protocol {exc.times_s} s differs from {exc.cohort_times_s} s; "
+            "the regression prior fits one protocol: train with --prior none on a cohort "
+            "of mixed protocols"
+        ) from None
 
 
 def load_training_cases(
