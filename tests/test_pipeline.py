@@ -62,3 +62,13 @@ def test_the_command_line_reporter_prints_each_stage(tmp_path, capsys):
         f"report: {out / 'report' / 'index.html'}",
         f"{test_cases} written, 0 skipped (cases scored in {out / 'report' / 'metrics.json'})",
     ]
+
+
+def test_the_experiment_trains_iterunet_with_and_without_the_regression_prior():
+    from dcesynth.config import preset
+
+    configs = {name: preset("cpu", **options) for name, options in pipeline.VARIANTS.items()}
+    assert configs["iterunet"].model.prior == "none"
+    assert configs["iterunet-prior"].model.prior == "regression"
+    assert configs["iterunet-prior"].model.name == "iterunet"
+    assert {c.model.prior for n, c in configs.items() if n != "iterunet-prior"} == {"none"}

@@ -328,6 +328,7 @@ def test_a_regression_prior_refuses_a_cohort_of_mixed_protocols(mixed_cohort, tm
         "mixed protocols\n"
     )
     assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {mixed_cohort}/")
     assert not run.exists()
 
 
@@ -354,6 +355,7 @@ def test_second_training_into_a_run_folder_exits_2(cohort, straight_run):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {run}: holds a run already; use --resume")
     assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {mixed_cohort}/")
     assert (run / "config.json").read_bytes() == config_before
 
 
@@ -362,6 +364,7 @@ def test_resume_without_a_run_exits_2(cohort, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {tmp_path / 'config.json'}: not a run folder")
     assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {mixed_cohort}/")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -470,3 +473,19 @@ def test_keep_freed_host_memory_reuses_freed_pages():
         assert applied == {"keep": "True", "default": "None"}[mode]
     assert float(faults["default"]) >= 16384
     assert float(faults["keep"]) < 100
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--prior", "x"), "--prior: unknown prior 'x'; choose none, regression"),
+        (
+            ("--model", "baseline", "--prior", "regression"),
+            "--prior: only iterunet starts from a prior, not baseline",
+        ),
+    ],
+)
+def test_a_prior_for_another_model_or_an_unknown_prior_is_refused(cohort, tmp_path, args, message):
+    result = train_cli(cohort, "--out", tmp_path / "run", *args)
+    assert (result.exit_code, result.stderr) == (2, f"error: {message}\n")
+    assert not (tmp_path / "run").exists()

@@ -529,7 +529,8 @@ def experiment(
     ] = EXPERIMENT_TEST_LESIONS,
     seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
 ) -> None:
-    """The paper's comparison: iterU-Net, baseline, both ablations and the regression model."""
+    """The paper's comparison (iterU-Net, baseline, both ablations) with iterU-Net on the
+    regression prior and the regression model."""
     compare("experiment", out, preset, None, cases, test_lesions, seed)
 
 

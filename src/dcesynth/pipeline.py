@@ -46,12 +46,14 @@ COMPARISON_SHAPE = (64, 64, 32)
 
 VARIANTS = {
     "iterunet": {"model": "iterunet"},
+    "iterunet-prior": {"model": "iterunet", "prior": "regression"},
     "baseline": {"model": "baseline"},
     "no-warmup": {"model": "iterunet", "warmup": False},
     "no-temporal": {"model": "iterunet", "temporal": False},
     "regression": {"model": "regression"},
 }
-"""Each model of the paper's comparison, as ``config.preset`` options."""
+"""Each model of the paper's comparison, and iterU-Net with the regression prior (beyond
+the paper), as ``config.preset`` options."""
 
 
 def simulate(

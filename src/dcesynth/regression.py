@@ -39,10 +39,12 @@ from dcesynth.io import InputError, atomic_write_bytes
 
 class MixedProtocols(InputError):
     """The training cases of a regression model do not share one protocol: case
-    ``case_id`` has ``times_s`` where the cases before it have ``cohort_times_s``."""
+    ``case_id``, number ``index`` of the cohort (from 0), has ``times_s`` where the cases
+    before it have ``cohort_times_s``."""
 
-    def __init__(self, case_id: str, times_s: list[float], cohort_times_s: list[float]):
-        self.case_id, self.times_s, self.cohort_times_s = case_id, times_s, cohort_times_s
+    def __init__(self, case_id: str, index: int, times_s: list[float], cohort_times_s: list[float]):
+        self.case_id, self.index = case_id, index
+        self.times_s, self.cohort_times_s = times_s, cohort_times_s
         super().__init__(
             f"{case_id}: protocol {times_s} s differs from the cohort's {cohort_times_s} s; "
             "the regression model predicts one protocol"
@@ -276,7 +278,7 @@ def fit_regression(
             if len(times_s) < 3:
                 raise InputError(f"{case.case_id}: the regression needs a phase after 1dyn")
         elif [float(t) for t in case.times_s] != times_s:
-            raise MixedProtocols(case.case_id, list(case.times_s), times_s)
+            raise MixedProtocols(case.case_id, done - 1, list(case.times_s), times_s)
         sample = _training_sample(case, config, rng)
         for store, part in zip((features, targets, weights), sample, strict=True):
             store.append(part)

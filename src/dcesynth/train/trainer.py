@@ -423,7 +423,8 @@ def training_prior(
         return fit_regression(loaders, config.regression)
     except MixedProtocols as exc:
         raise InputError(
-            f"{exc.case_id}: protocol {exc.times_s} s differs from {exc.cohort_times_s} s; "
+            f"{train_dirs[exc.index]}: protocol {exc.times_s} s differs from "
+            f"{exc.cohort_times_s} s; "
             "the regression prior fits one protocol: train with --prior none on a cohort "
             "of mixed protocols"
         ) from None
