@@ -47,6 +47,15 @@ def test_every_model_is_paired_with_copy_and_iterunet_with_baseline_and_regressi
     ]
 
 
+def test_iterunet_on_the_prior_is_paired_with_the_regression_and_iterunet():
+    models = ["iterunet", "iterunet-prior", "regression", REFERENCE_MODEL]
+    assert comparison_pairs(models)[3:] == [
+        ("iterunet", "regression"),
+        ("iterunet-prior", "regression"),
+        ("iterunet-prior", "iterunet"),
+    ]
+
+
 def test_without_iterunet_models_are_paired_with_copy_only():
     assert comparison_pairs(["baseline", "regression", REFERENCE_MODEL]) == [
         ("baseline", REFERENCE_MODEL),

@@ -19,9 +19,15 @@ from dcesynth.stats import clustered_means, paired_comparison, percentile_interv
 REFERENCE_MODEL = "copy-1dyn"
 REFERENCE_LABEL = "copy-forward"
 """How sentences name the reference: it copies the first post-contrast phase forward."""
-PRIMARY_MODEL = "iterunet"
-PRIMARY_COMPARATORS = ("baseline", "regression")
-"""Besides every model against the reference, the primary model is compared with these."""
+PRIMARY_PAIRS = (
+    ("iterunet", "baseline"),
+    ("iterunet", "regression"),
+    ("iterunet-prior", "regression"),
+    ("iterunet-prior", "iterunet"),
+)
+"""Besides every model against the reference, these pairs are compared when both are
+there: iterU-Net against the paper's baseline and the regression model, and iterU-Net on
+the regression prior against the prior's model and against iterU-Net without it."""
 IMAGE_METRICS = ("psnr", "ssim")
 VERDICT_METRIC = "enh_error_last"
 """The verdict's metric: the paper's headline, the lesion enhancement error at the last phase."""
@@ -117,12 +123,10 @@ def with_intervals(entry: dict, model_intervals: dict[str, list[float] | None]) 
 
 
 def comparison_pairs(models: list[str]) -> list[tuple[str, str]]:
-    """(first, second) pairs to compare: every model against the reference, then the
-    primary model against each of ``PRIMARY_COMPARATORS`` that is present."""
+    """(first, second) pairs to compare: every model against the reference, then each of
+    ``PRIMARY_PAIRS`` whose two models are present."""
     pairs = [(model, REFERENCE_MODEL) for model in models if model != REFERENCE_MODEL]
-    if PRIMARY_MODEL in models:
-        pairs += [(PRIMARY_MODEL, other) for other in PRIMARY_COMPARATORS if other in models]
-    return pairs
+    return pairs + [pair for pair in PRIMARY_PAIRS if set(pair) <= set(models)]
 
 
 def _shared(first: Samples, second: Samples) -> np.ndarray:
