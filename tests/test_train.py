@@ -355,7 +355,6 @@ def test_second_training_into_a_run_folder_exits_2(cohort, straight_run):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {run}: holds a run already; use --resume")
     assert len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"error: {mixed_cohort}/")
     assert (run / "config.json").read_bytes() == config_before
 
 
@@ -364,7 +363,6 @@ def test_resume_without_a_run_exits_2(cohort, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {tmp_path / 'config.json'}: not a run folder")
     assert len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"error: {mixed_cohort}/")
     assert list(tmp_path.iterdir()) == []
 
 
