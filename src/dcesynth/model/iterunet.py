@@ -192,20 +192,14 @@ class IterUNet(PhaseModel):
         """
         n_observed = observed.shape[1]
         n_targets = times_s.shape[1] - n_observed
-        # The prior's change over each step, zero without a prior; an input channel with one.
-        changes = (
-            prior[:, 1:] - prior[:, :-1]
-            if prior is not None
-            else observed.new_zeros((observed.shape[0], n_targets, *observed.shape[2:]))
-        )
-        step_inputs = changes.split(1, 1) if prior is not None else [None] * n_targets
+        # The prior's change over each step: added to the step's output and fed as an input.
+        changes = None if prior is None else prior[:, 1:] - prior[:, :-1]
         state = None
         for index in range(n_observed - 1):
             # Earlier observed phases only warm up the state; a prior's change is zero there.
-            x = torch.cat([pre, observed[:, index : index + 1]], 1)
-            if prior is not None:
-                x = torch.cat([x, torch.zeros_like(x[:, -1:])], 1)
-            state = self.unet.advance(x, state)
+            phase = observed[:, index : index + 1]
+            change = None if prior is None else torch.zeros_like(phase)
+            state = self.unet.advance(self._unet_input(pre, phase, change), state)
         current = observed[:, -1:]
         input_times_s = times_s[:, n_observed - 1 : -1]
         target_times_s = times_s[:, n_observed:]
@@ -213,8 +207,8 @@ class IterUNet(PhaseModel):
             inputs = torch.cat([current, teacher[:, :-1]], dim=1)
             x = torch.cat(
                 [
-                    torch.cat([pre, phase, *([] if change is None else [change])], 1)
-                    for phase, change in zip(inputs.split(1, 1), step_inputs, strict=True)
+                    self._unet_input(pre, inputs[:, k : k + 1], _step(changes, k))
+                    for k in range(n_targets)
                 ]
             )
             embedding = self._embed(
@@ -223,19 +217,26 @@ class IterUNet(PhaseModel):
                 None if case is None else case.repeat(n_targets, 1),
             )
             deltas, _ = self.unet(x, embedding, state, steps=n_targets)
-            return inputs + changes + torch.cat(deltas.chunk(n_targets), dim=1)
+            outputs = inputs + torch.cat(deltas.chunk(n_targets), dim=1)
+            return outputs if changes is None else outputs + changes
         predictions = []
         for step in range(n_targets):
             if teacher is not None and step > 0:
                 fed = teacher_mask[:, step - 1].view(-1, *[1] * (current.ndim - 1))
                 current = torch.where(fed, teacher[:, step - 1 : step], current)
             embedding = self._embed(input_times_s[:, step], target_times_s[:, step], case)
-            change = step_inputs[step]
-            x = torch.cat([pre, current, *([] if change is None else [change])], dim=1)
-            delta, state = self.unet(x, embedding, state)
-            current = current + changes[:, step : step + 1] + delta
+            change = _step(changes, step)
+            delta, state = self.unet(self._unet_input(pre, current, change), embedding, state)
+            current = current + delta if change is None else current + change + delta
             predictions.append(current)
         return torch.cat(predictions, dim=1)
+
+    @staticmethod
+    def _unet_input(
+        pre: torch.Tensor, phase: torch.Tensor, change: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The U-Net's input: pre, the step's input phase and, with a prior, its change."""
+        return torch.cat([pre, phase] if change is None else [pre, phase, change], dim=1)
 
     def check_protocol(self, n_observed: int, n_targets: int) -> None:
         """iterU-Net serves any protocol: one or more observed phases, any targets."""
@@ -316,6 +317,11 @@ class BaselineUNet(PhaseModel):
                 f"this baseline predicts {self.n_targets} phases after 1dyn; the protocol asks "
                 f"for {n_observed - 1 + n_targets}"
             )
+
+
+def _step(changes: torch.Tensor | None, step: int) -> torch.Tensor | None:
+    """`(B, 1, X, Y, Z)` the prior's change over rollout step `step`; None without a prior."""
+    return None if changes is None else changes[:, step : step + 1]
 
 
 def build_model(
