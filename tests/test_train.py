@@ -25,6 +25,7 @@ from dcesynth.rundir import RunDir
 from dcesynth.train.trainer import (
     Trainer,
     build_trainer,
+    split_cases,
     stages,
     teacher_probability,
     training_split,
@@ -72,6 +73,22 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("n_cases", "n_val"), [(2, 1), (10, 2), (300, 60), (500, 100), (1500, 100)]
+)
+def test_split_holds_out_a_fraction_of_the_cases_up_to_the_cap(tmp_path, n_cases, n_val):
+    folders = [tmp_path / f"case_{i:04d}" for i in range(n_cases)]
+    train_dirs, val_dirs = split_cases(folders, 0.2, seed=3, max_val=100)
+    assert len(val_dirs) == n_val
+    assert sorted(train_dirs + val_dirs) == folders
+    assert split_cases(folders, 0.2, seed=3, max_val=100) == (train_dirs, val_dirs)
+
+
+def test_max_val_cases_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_val_cases must be at least 1"):
+        dataclasses.replace(PRESETS["cpu"].train, max_val_cases=0)
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,9 @@ class TrainConfig:
         loss_weights: (l1, ssim, perceptual, gdl[, lesion[, parenchyma]]) as
             ``LossWeights`` takes them; a term left out weighs 0.
         val_fraction: share of cases held out for validation (at least one).
+        max_val_cases: at most this many validation cases. Validation predicts each one
+            whole at every validation, so its time grows with the cohort: 100 phantom
+            cases hold about 125 lesions, what ``evaluate`` needs to tell models apart.
         val_every: steps between validations (and checkpoints).
         amp: bf16 autocast; None lets the device decide (``dcesynth.accel.use_bf16``:
             on CUDA, and on CPUs with bf16 matrix units, where it is the faster precision).
@@ -121,6 +124,7 @@ class TrainConfig:
     enhancement_mask: bool = True
     loss_weights: tuple[float, ...] = (0.1, 1.0, 1.0, 0.1)
     val_fraction: float = 0.2
+    max_val_cases: int = 100
     val_every: int = 160
     amp: bool | None = None
     lesion_offset: float = 0.0
@@ -132,6 +136,8 @@ class TrainConfig:
             raise ValueError(
                 f"train.scheduled_sampling must be in [0, 1], got {self.scheduled_sampling}"
             )
+        if self.max_val_cases < 1:
+            raise ValueError(f"train.max_val_cases must be at least 1, got {self.max_val_cases}")
 
     @property
     def total_steps(self) -> int:

@@ -142,10 +142,12 @@ def init_distributed(world: int, device: torch.device) -> bool:
     return True
 
 
-def split_cases(case_dirs: list[Path], val_fraction: float, seed: int):
-    """Deterministic train/validation split; at least one of each when there are 2+ cases."""
+def split_cases(case_dirs: list[Path], val_fraction: float, seed: int, max_val: int):
+    """Deterministic train/validation split: ``val_fraction`` of the cases, at most
+    ``max_val``, validate; at least one of each when there are 2+ cases."""
     order = np.random.default_rng(seed).permutation(len(case_dirs))
-    n_val = min(len(case_dirs) - 1, max(1, round(val_fraction * len(case_dirs))))
+    n_val = round(val_fraction * len(case_dirs))
+    n_val = min(len(case_dirs) - 1, max(1, min(n_val, max_val)))
     val = sorted(case_dirs[i] for i in order[:n_val])
     return [case_dirs[i] for i in sorted(order[n_val:])], val
 
@@ -398,7 +400,7 @@ def training_split(data_dir: Path, train: TrainConfig) -> tuple[list[Path], list
     case_dirs = find_cases(data_dir)
     if len(case_dirs) < 2:
         raise InputError(f"{data_dir}: need at least 2 cases (train + validation)")
-    return split_cases(case_dirs, train.val_fraction, train.seed)
+    return split_cases(case_dirs, train.val_fraction, train.seed, train.max_val_cases)
 
 
 def training_prior(
