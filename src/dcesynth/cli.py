@@ -495,7 +495,7 @@ def print_import_summary(summary, table_class) -> None:
 # cohort needs about 100 lesions before intervals can tell models apart.
 DEMO_TRAIN_CASES, DEMO_TEST_LESIONS = 200, 100
 EXPERIMENT_TRAIN_CASES, EXPERIMENT_TEST_LESIONS = 300, 125
-DEMO_VARIANTS = ("iterunet", "baseline", "regression")
+DEMO_VARIANTS = ("iterunet-prior", "baseline", "regression")
 
 
 def compare(what: str, out: Path, preset: str, variants, cases: int, lesions: int, seed: int):
@@ -514,7 +514,8 @@ def demo(
     out: Annotated[Path, typer.Argument(help="Folder for data, runs, predictions, report.")],
     seed: Annotated[int, typer.Option(help="Seed of cohorts and training.")] = 0,
 ) -> None:
-    """Simulate -> train iterU-Net, the baseline and the regression -> predict -> evaluate."""
+    """Simulate -> train iterU-Net on the regression prior, the baseline and the regression
+    model -> predict -> evaluate."""
     compare("demo", out, "demo", DEMO_VARIANTS, DEMO_TRAIN_CASES, DEMO_TEST_LESIONS, seed)
 
 
