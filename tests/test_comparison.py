@@ -47,12 +47,19 @@ def test_every_model_is_paired_with_copy_and_iterunet_with_baseline_and_regressi
     ]
 
 
-def test_iterunet_on_the_prior_is_paired_with_the_regression_and_iterunet():
-    models = ["iterunet", "iterunet-prior", "regression", REFERENCE_MODEL]
-    assert comparison_pairs(models)[3:] == [
+def test_iterunet_on_the_prior_is_paired_with_the_regression_iterunet_and_the_baseline():
+    models = ["iterunet", "iterunet-prior", "baseline", "regression", REFERENCE_MODEL]
+    assert comparison_pairs(models)[4:] == [
+        ("iterunet", "baseline"),
         ("iterunet", "regression"),
         ("iterunet-prior", "regression"),
         ("iterunet-prior", "iterunet"),
+        ("iterunet-prior", "baseline"),
+    ]
+    demo = ["iterunet-prior", "baseline", "regression", REFERENCE_MODEL]
+    assert comparison_pairs(demo)[3:] == [
+        ("iterunet-prior", "regression"),
+        ("iterunet-prior", "baseline"),
     ]
 
 

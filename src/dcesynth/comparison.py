@@ -24,10 +24,11 @@ PRIMARY_PAIRS = (
     ("iterunet", "regression"),
     ("iterunet-prior", "regression"),
     ("iterunet-prior", "iterunet"),
+    ("iterunet-prior", "baseline"),
 )
 """Besides every model against the reference, these pairs are compared when both are
 there: iterU-Net against the paper's baseline and the regression model, and iterU-Net on
-the regression prior against the prior's model and against iterU-Net without it."""
+the regression prior against the prior's model, iterU-Net without it and the baseline."""
 IMAGE_METRICS = ("psnr", "ssim")
 VERDICT_METRIC = "enh_error_last"
 """The verdict's metric: the paper's headline, the lesion enhancement error at the last phase."""
