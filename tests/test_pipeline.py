@@ -72,3 +72,21 @@ def test_the_experiment_trains_iterunet_with_and_without_the_regression_prior():
     assert configs["iterunet-prior"].model.prior == "regression"
     assert configs["iterunet-prior"].model.name == "iterunet"
     assert {c.model.prior for n, c in configs.items() if n != "iterunet-prior"} == {"none"}
+    # With the prior the free-running stage is as long as the warm-up (600 + 600).
+    assert (configs["iterunet"].train.warmup_steps, configs["iterunet"].train.optim_steps) == (
+        600,
+        1100,
+    )
+    prior = configs["iterunet-prior"].train
+    assert (prior.warmup_steps, prior.optim_steps) == (600, 600)
+    assert configs["baseline"].train.optim_steps == 1700
+
+
+@pytest.mark.parametrize("name", ["demo", "cpu", "gpu", "paper"])
+def test_a_prior_never_lengthens_the_free_running_stage(name):
+    from dcesynth.config import preset
+
+    plain, prior = preset(name).train, preset(name, prior="regression").train
+    assert prior.warmup_steps == plain.warmup_steps
+    assert prior.optim_steps == min(plain.optim_steps, plain.warmup_steps)
+    assert preset(name, prior="regression", warmup=False).train.optim_steps == plain.total_steps

@@ -290,7 +290,9 @@ def preset(
         scheduled_sampling: replaces the preset's ``TrainConfig.scheduled_sampling``.
         case_features: replaces the preset's ``ModelConfig.case_features`` when given.
         prior: replaces the preset's ``ModelConfig.prior`` (a value of ``PRIORS``) when
-            given; only iterU-Net takes one, so the other models drop the preset's.
+            given; only iterU-Net takes one, so the other models drop the preset's. With
+            a prior the free-running stage is as long as the warm-up, when the preset's
+            is longer.
     """
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -311,10 +313,16 @@ def preset(
         raise InputError(f"--prior: only iterunet starts from a prior, not {model}")
     base = PRESETS[name]
     train = base.train
+    prior = (prior or base.model.prior) if model == "iterunet" else "none"
     if not warmup or model == "baseline":
         # Without warm-up the optimisation stage gets the whole budget; the baseline has
         # no feedback loop, so its single stage is the whole budget too.
         train = dataclasses.replace(train, warmup_steps=0, optim_steps=train.total_steps)
+    elif prior != "none":
+        # The network starts from the prior's prediction, and free-running steps beyond the
+        # warm-up's number did not change it: `cpu` with the prior on 1,500 cases held
+        # 0.58x copy-forward on validation from the warm-up's end to step 1,700.
+        train = dataclasses.replace(train, optim_steps=min(train.optim_steps, train.warmup_steps))
     overrides = {
         key: value
         for key, value in (
@@ -331,7 +339,7 @@ def preset(
         temporal=temporal and model == "iterunet",
         normalisation=normalisation or base.model.normalisation,
         case_features=base.model.case_features if case_features is None else case_features,
-        prior=(prior or base.model.prior) if model == "iterunet" else "none",
+        prior=prior,
     )
     from dcesynth import __version__
 
