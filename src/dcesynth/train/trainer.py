@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,20 +452,21 @@ def load_training_cases(
         InputError: fewer than 2 cases, a bad case, or a case of fewer than 3 phases.
     """
     train_dirs, val_dirs = split or training_split(data_dir, train)
-    train_cases, val_cases = (
-        [
-            prepare_case(
-                load_case(d),
-                train.patch,
-                model.relative_enhancement,
-                model.normalisation,
-                model.case_features,
-                prior_model,
-            )
-            for d in dirs
-        ]
-        for dirs in (train_dirs, val_dirs)
-    )
+
+    def load(case_dir: Path) -> PreparedCase:
+        return prepare_case(
+            load_case(case_dir),
+            train.patch,
+            model.relative_enhancement,
+            model.normalisation,
+            model.case_features,
+            prior_model,
+        )
+
+    # Reading, filtering and the prior's prediction spend most of their time in zlib, scipy
+    # and numpy, which release the GIL: threads share the cores the run was given.
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+        train_cases, val_cases = (list(pool.map(load, dirs)) for dirs in (train_dirs, val_dirs))
     for case in train_cases + val_cases:
         if case.phases.shape[0] < 3:
             raise InputError(
