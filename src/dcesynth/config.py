@@ -199,7 +199,7 @@ SMALL_FEATURES = (8, 8, 16, 32, 64, 8)
 # ~10 voxels across), no stage-2 enhancement weighting (the lesion term does its job), and
 # for `cpu` a free-running stage nearly twice the warm-up's length, sized to train in
 # 45 minutes on a 2-core AVX2 CPU (README, "Results": twice these steps scored no better).
-# `demo` is 50 + 50 steps so that `make demo` runs in about 9 minutes there: the demo trains
+# `demo` is 50 + 50 steps so that `make demo` runs in about 8 minutes there: the demo trains
 # iterU-Net on the regression prior, which starts it from a model that beats copy-forward.
 PRODUCT_LOSS = (1.0, 0.5, 1.0, 0.1, 2.0)
 
