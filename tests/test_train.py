@@ -321,7 +321,8 @@ def test_a_regression_prior_is_fitted_on_the_training_cases_and_resumes_exactly(
     train_dirs, val_dirs = training_split(cohort, config.train)
     saved = RegressionModel.load(RunDir(tmp_path / "straight").prior_file)
     expected = fit_regression([lambda d=d: load_case(d) for d in train_dirs], config.regression)
-    np.testing.assert_array_equal(saved.coef, expected.coef)
+    np.testing.assert_array_equal(saved.voxel.coef, expected.voxel.coef)
+    np.testing.assert_array_equal(saved.lesion.coef, expected.lesion.coef)
     batch = straight.batches[0]
     # The prior's pre and 1dyn are the patch's own (before the phases' intensity noise).
     assert batch["prior"].shape == batch["phases"].shape

@@ -191,8 +191,11 @@ class CliReporter(Reporter):
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
     def fitted_regression(self, run_dir, model):
-        terms = model.coef.shape[1]
-        print(f"regression: {model.n_targets} target phases, {terms} terms; run in {run_dir}")
+        stages = "voxel and lesion stages" if model.lesion is not None else "voxel stage"
+        print(
+            f"regression: {model.n_targets} target phases, {model.n_terms} terms ({stages}); "
+            f"run in {run_dir}"
+        )
 
     def case_skipped(self, exc):
         print_error(exc)
