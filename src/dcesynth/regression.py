@@ -136,6 +136,7 @@ def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
     roi = case.roi > 0
     pre, post = norm.forward(case.phases[0]), norm.forward(case.phases[1])
     roi_enhancement = float((post - pre)[roi].mean())
+    relative_map = relative_enhancement(case.phases[0], case.phases[1])
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(case.affine, dtype=float)[:3, :3])))
     labels, rows = [], []
     for label, box in enumerate(ndimage.find_objects(case.seg.astype(np.int32)), start=1):
@@ -147,7 +148,7 @@ def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
             for b, n in zip(box, case.shape, strict=True)
         )
         mask = case.seg[box] == label
-        relative = relative_enhancement(case.phases[0][box], case.phases[1][box])[mask]
+        relative = relative_map[box][mask]
         core = ndimage.binary_erosion(mask)[mask]
         rim_relative = relative[~core].mean() if (~core).any() else relative.mean()
         labels.append(label)
