@@ -250,3 +250,13 @@ def test_lesion_features_on_a_known_lesion():
         np.percentile([0.5] * 8 + [1.5] * 56, 10)
     )
     assert named["pre"] == pytest.approx(float(norm.forward(np.float32(100.0))))
+
+
+def test_a_cohort_without_lesions_fits_the_voxel_stage_alone(tmp_path):
+    cases = [law_case(seed) for seed in range(2)]
+    for case in cases:
+        case.seg[:] = 0
+    model = fitted(cases, lesion_stage=True)
+    assert model.lesion is None and model.n_terms == len(model.voxel.powers)
+    model.save(tmp_path / "model.safetensors")
+    assert RegressionModel.load(tmp_path / "model.safetensors").lesion is None
