@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 # The paper's comparison (iterU-Net, baseline, both ablations), iterU-Net on the regression
 # prior and the regression model, with the `cpu` preset, trained on 1,500 cases and tested
-# on at least 125 lesions: about 4 hours on a 2-core CPU (README, "make experiment").
+# on at least 125 lesions: about 3 hours on a 2-core CPU (README, "make experiment").
 experiment: $(STAMP)
 	$(BIN)/dcesynth experiment runs/experiment --preset cpu
 
