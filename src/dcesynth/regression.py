@@ -151,7 +151,6 @@ def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
         mask = case.seg[box] == label
         relative = relative_map[box][mask]
         core = ndimage.binary_erosion(mask)[mask]
-        rim_relative = relative[~core].mean() if (~core).any() else relative.mean()
         labels.append(label)
         rows.append(
             [
@@ -162,7 +161,8 @@ def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
                 *np.percentile(relative, (10, 50, 90)),
                 np.log(mask.sum() * voxel_mm3),
                 relative[core].mean() if core.any() else relative.mean(),
-                rim_relative,
+                # Erosion always removes a lesion's boundary: the rim is never empty.
+                relative[~core].mean(),
                 1.0 - core.mean(),
                 roi_enhancement,
             ]
