@@ -53,7 +53,7 @@ def test_the_command_line_reporter_prints_each_stage(tmp_path, capsys):
         f"wrote {test_cases} cases to {out / 'data' / 'test'}",
         f"cohort report: {out / 'cohort' / 'index.html'}",
     ]
-    assert lines[3].startswith("regression: 4 target phases,")
+    assert lines[3].startswith("regression: change at 4 times after 1dyn (70-280 s),")
     assert (
         lines[4]
         == f"{test_cases} written, 0 skipped (predictions in {out / 'predictions' / 'regression'})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,8 +17,10 @@ from dcesynth.io import InputError
 from dcesynth.kinetics import classify_curve, lesion_mean_curve
 from dcesynth.regression import (
     LESION_FEATURES,
+    PolynomialRidge,
     RegressionConfig,
     RegressionModel,
+    choose_knots,
     feature_names,
     fit_regression,
     lesion_features,
@@ -83,8 +86,8 @@ def test_features_are_named_and_polynomial_terms_follow_their_powers():
     config = RegressionConfig(sigmas_vox=(1.0, 2.0))
     case = law_case(0)
     features = voxel_features(case, fit_case_norm(case.phases, case.roi), config)
-    assert features.shape == (*SHAPE, len(feature_names(config))) == (*SHAPE, 9)
-    assert len(set(feature_names(config))) == 9
+    assert features.shape == (*SHAPE, len(feature_names(config))) == (*SHAPE, 10)
+    assert len(set(feature_names(config))) == 10
     x = np.array([[2.0, 3.0], [-1.0, 0.5]])
     powers = np.array([[1, 0], [0, 2], [1, 1]])
     np.testing.assert_array_equal(polynomial_terms(x, powers), [[2, 9, 6], [-1, 0.25, -0.5]])
@@ -98,7 +101,7 @@ def test_save_and_load_give_the_same_predictions(tmp_path):
     case = law_case(3)
     np.testing.assert_array_equal(loaded.predict_case(case), model.predict_case(case))
     np.testing.assert_array_equal(loaded.lesion.coef, model.lesion.coef)
-    assert loaded.config == model.config and loaded.times_s == TIMES
+    assert loaded.config == model.config and loaded.knots_s == [70.0, 140.0]
 
 
 def test_foreign_or_damaged_model_files_are_refused(tmp_path):
@@ -113,13 +116,76 @@ def test_foreign_or_damaged_model_files_are_refused(tmp_path):
         RegressionModel.load(tmp_path / "nan.safetensors")
 
 
-def test_cases_of_another_protocol_are_refused():
-    other = law_case(1, "other")
-    other.times_s = [0.0, 85.0, 160.0, 225.0]
-    with pytest.raises(InputError, match="other: protocol"):
-        fitted([law_case(0), other])
-    with pytest.raises(InputError, match="other: this regression model predicts the protocol"):
-        fitted([law_case(0)]).predict_case(other)
+def time_law_case(seed: int, times_s: list[float]) -> Case:
+    """A case whose phases move from 1dyn by 0.2 per minute after 1dyn times 1dyn's
+    enhancement over pre: a law continuous in time."""
+    case = law_case(seed)
+    pre, post = case.phases[:2]
+    later = [post + 0.2 * (t - times_s[1]) / 60.0 * (post - pre) for t in times_s[2:]]
+    phases = np.stack([pre, post, *later]).astype(np.float32)
+    return Case(f"time_{seed}", phases, times_s, case.seg, case.roi, case.affine, source="test")
+
+
+def test_a_cohort_of_mixed_protocols_gives_a_law_at_any_time():
+    # Degree 1: the law is linear in the enhancement, and with two training cases the
+    # case-level products of a higher degree would stand for the cases themselves.
+    model = fitted(
+        [
+            time_law_case(0, [0.0, 85.0, 155.0, 225.0]),
+            time_law_case(1, [0.0, 60.0, 120.0, 180.0, 240.0]),
+        ],
+        degree=1,
+    )
+    # The distinct times after 1dyn are few enough to be the knots.
+    assert model.knots_s == [60.0, 70.0, 120.0, 140.0, 180.0]
+    case = time_law_case(2, [0.0, 85.0, 175.0, 235.0, 265.0])
+    predicted = model.predict_case(case)
+    roi = case.roi > 0
+    # 90 and 150 s after 1dyn lie between knots; 180 s is the last knot.
+    for k in range(3):
+        np.testing.assert_allclose(predicted[k][roi], case.phases[2 + k][roi], rtol=2e-3)
+    # After the last knot, 180 s after 1dyn, the change is held.
+    held = model.predict_at(case, [400.0])[0]
+    np.testing.assert_allclose(held[roi], predicted[2][roi], rtol=1e-5)
+
+
+def test_knots_are_the_cohorts_times_when_few_else_a_grid_that_enough_cases_reach():
+    config = RegressionConfig(knot_spacing_s=60.0, max_protocol_knots=3, knot_coverage=0.5)
+    assert choose_knots([[0, 85, 155, 225]] * 3, config) == [70.0, 140.0]
+    protocols = [[0, 50, 95, 140, 185], [0, 60, 160], [0, 90, 200, 310], [0, 45, 95]]
+    # Seven distinct later times: a grid every 60 s up to the last knot half the cases
+    # reach (their last phases are 135, 100, 220 and 50 s after 1dyn).
+    assert choose_knots(protocols, config) == [60.0, 120.0]
+    assert choose_knots(protocols, RegressionConfig(knot_coverage=0.0)) == [
+        45.0,
+        50.0,
+        90.0,
+        100.0,
+        110.0,
+        135.0,
+        220.0,
+    ]
+    assert choose_knots(protocols, dataclasses.replace(config, knot_coverage=0.25)) == [
+        60.0,
+        120.0,
+        180.0,
+    ]
+
+
+def test_features_constant_in_training_take_no_term():
+    rng = np.random.default_rng(0)
+    features = np.column_stack([rng.normal(size=50), np.full(50, 3.0), rng.normal(size=50)])
+    targets = (features[:, 0] * features[:, 2])[:, None]
+    stage = PolynomialRidge.fit(features, targets, None, degree=2, alpha=1e-9)
+    assert not stage.powers[:, 1].any()
+    assert len(stage.powers) == 5  # x0, x2, x0^2, x0 x2, x2^2
+    np.testing.assert_allclose(stage.predict(features), targets, atol=1e-6)
+    # A target missing for half the samples is fitted on the other half.
+    gap = np.where(np.arange(50) < 25, np.nan, 2 * targets[:, 0])
+    gapped = PolynomialRidge.fit(features, np.column_stack([targets, gap]), None, 2, 1e-9)
+    np.testing.assert_allclose(
+        gapped.predict(features), np.column_stack([targets, 2 * targets]), atol=1e-6
+    )
 
 
 def test_cli_trains_and_predicts_a_regression_run(tmp_path):
@@ -131,7 +197,7 @@ def test_cli_trains_and_predicts_a_regression_run(tmp_path):
         ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", "regression"],
     )
     assert result.exit_code == 0, result.output
-    assert "2 target phases" in result.stdout
+    assert "regression: change at 2 times after 1dyn (70-140 s)" in result.stdout
     config = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert config["model"]["name"] == "regression"
     assert config["regression"]["degree"] == 2
@@ -161,7 +227,10 @@ def test_cli_trains_and_predicts_a_regression_run(tmp_path):
         ],
     )
     assert more_inputs.exit_code == 2
-    assert f"{case.case_id}: this regression model predicts" in more_inputs.stderr
+    assert more_inputs.stderr == (
+        f"error: {case.case_id}: a regression model predicts from pre and 1dyn; "
+        "asked to predict from pre,1dyn,2dyn\n"
+    )
 
 
 # A lesion-level law: a small lesion washes out, a large one enhances on, whatever its
@@ -211,7 +280,7 @@ def test_the_lesion_stage_learns_what_a_lesion_shows_as_a_whole():
     assert not all(voxel_types_right)
     # Outside the lesions the stage changes nothing; a case with no lesion labelled gets
     # the voxel stage's prediction alone.
-    stage_off = RegressionModel(with_stage.config, with_stage.times_s, with_stage.voxel)
+    stage_off = RegressionModel(with_stage.config, with_stage.knots_s, with_stage.voxel)
     outside = case.seg == 0
     np.testing.assert_array_equal(
         with_stage.predict_case(case)[:, outside], stage_off.predict_case(case)[:, outside]

@@ -193,7 +193,8 @@ class CliReporter(Reporter):
     def fitted_regression(self, run_dir, model):
         stages = "voxel and lesion stages" if model.lesion is not None else "voxel stage"
         print(
-            f"regression: {model.n_targets} target phases, {model.n_terms} terms ({stages}); "
+            f"regression: change at {model.n_knots} times after 1dyn "
+            f"({model.knots_s[0]:g}-{model.knots_s[-1]:g} s), {model.n_terms} terms ({stages}); "
             f"run in {run_dir}"
         )
 

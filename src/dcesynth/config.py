@@ -150,9 +150,8 @@ class RunConfig:
 
     ``regression`` configures the classical model (``model.name == "regression"``),
     which ignores ``train`` but for its seed. ``n_targets`` is what training learnt
-    from the data: the phases after 1dyn in the training protocol (the longest, in a
-    cohort of mixed protocols), which the baseline and the regression model predict
-    (iterU-Net predicts any number); None until a
+    from the data: the phases after 1dyn in the training protocol, which the baseline
+    predicts (iterU-Net and the regression model predict any number); None until a
     run sets it, and in runs whose weights' metadata holds it instead
     (``RunDir.n_targets``).
     """

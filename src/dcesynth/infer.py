@@ -405,12 +405,12 @@ def _predict_regression(
     on_windows: Callable[[int], None] | None,
 ) -> Prediction:
     """``predict_case`` for a regression run: one pass over the ROI, no windows."""
-    if len(names) != 2 or targets != model.times_s[2:]:
+    if len(names) != 2:
         raise InputError(
-            f"{case.case_id}: this regression model predicts {model.times_s[2:]} s from pre "
-            f"and 1dyn; asked for {targets} s from {','.join(names)}"
+            f"{case.case_id}: a regression model predicts from pre and 1dyn; "
+            f"asked to predict from {','.join(names)}"
         )
-    phases = model.predict_case(case)
+    phases = model.predict_at(case, targets)
     if on_windows:
         on_windows(1)
     return Prediction(

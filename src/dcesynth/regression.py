@@ -1,12 +1,20 @@
-"""A classical model: ridge regression from voxel features of pre and 1dyn to each later phase.
+"""A classical model: ridge regression from features of pre and 1dyn to the later change.
 
 Per voxel, in TI units (the case's first post-contrast phase z-scored inside the
 breast ROI, as the networks see it), the features are the pre and 1dyn intensities,
 their difference, the relative enhancement ``(S1 - S0) / S0`` of the signal, both
 enhancement maps smoothed at a few spatial scales (a voxel's neighbourhood: lesion
-size, rim against core), and the case's mean enhancement inside the ROI (background
-parenchymal enhancement). Their products up to ``degree`` feed one ridge regression
-per target phase, fitted to ``phase_k - 1dyn``.
+size, rim against core), the case's mean enhancement inside the ROI (background
+parenchymal enhancement) and the time of 1dyn after the pre scan. Their products up
+to ``degree`` feed one ridge regression per knot, a time after 1dyn, fitted to the
+change from 1dyn there.
+
+Time is continuous: each training case's change is interpolated linearly from its own
+phases (no change at 1dyn) to the knots it reaches, and a prediction interpolates the
+knots' changes to any time. A cohort of one protocol has its later phases as knots, so
+the model is then one regression per phase; a cohort of mixed protocols and times has
+knots every ``knot_spacing_s``. Features that do not vary in training (1dyn's time,
+in a cohort of one protocol) take no term.
 
 Fitting samples every lesion voxel and a fixed number of other ROI voxels per case,
 weighted so that each case's lesions and each case's background count alike. Only the
@@ -14,8 +22,8 @@ breast ROI is predicted; outside it the output is the first post-contrast phase.
 
 A second, lesion-level stage reads each lesion of the case's ``seg`` as a whole, as a
 reader's kinetic ROI does: its mean pre and 1dyn, the spread of its relative
-enhancement, its volume, and its rim against its core. One more ridge regression maps
-these to the lesion's mean change per phase, and the voxelwise prediction inside the
+enhancement, its volume, and its rim against its core. One more ridge regression per
+knot maps these to the lesion's mean change, and the voxelwise prediction inside the
 lesion is shifted to that mean. Nothing a voxel's neighbourhood shows carries a lesion's
 size and shape so well: fitted on 1,500 phantom cases, the stage takes the 5dyn lesion
 enhancement error from 0.60x to 0.57x and 0.53x copy-forward's on two test cohorts, and
@@ -23,9 +31,9 @@ curve-type agreement from 0.66 to 0.70 and from 0.62 to 0.68 (docs/method.md). A
 with no lesion labelled gets the voxelwise prediction alone.
 
 The fitted model is a few arrays (term exponents, scaler, coefficients), stored as
-safetensors with the feature names, target times and configuration in its metadata:
-no pickle. It is the floor every network must beat, and a model that fits a cohort of
-hundreds of cases in well under a minute.
+safetensors with the feature names, knots and configuration in its metadata: no
+pickle. It is the floor every network must beat, and a model that fits a cohort of
+hundreds of cases in minutes.
 """
 
 from __future__ import annotations
@@ -47,20 +55,6 @@ from dcesynth.data.tinorm import TINorm, fit_case_norm, relative_enhancement
 from dcesynth.io import InputError, atomic_write_bytes
 
 
-class MixedProtocols(InputError):
-    """The training cases of a regression model do not share one protocol: case
-    ``case_id``, number ``index`` of the cohort (from 0), has ``times_s`` where the cases
-    before it have ``cohort_times_s``."""
-
-    def __init__(self, case_id: str, index: int, times_s: list[float], cohort_times_s: list[float]):
-        self.case_id, self.index = case_id, index
-        self.times_s, self.cohort_times_s = times_s, cohort_times_s
-        super().__init__(
-            f"{case_id}: protocol {times_s} s differs from the cohort's {cohort_times_s} s; "
-            "the regression model predicts one protocol"
-        )
-
-
 @dataclass(frozen=True)
 class RegressionConfig:
     """Features and fit of the regression model.
@@ -73,6 +67,13 @@ class RegressionConfig:
         lesion_stage: fit the lesion-level stage (module docstring) when the training
             cases hold lesions.
         lesion_degree, lesion_alpha: its terms' highest power and its ridge penalty.
+        knot_spacing_s: spacing of the knots of a cohort whose times after 1dyn take more
+            than ``max_protocol_knots`` values.
+        max_protocol_knots: up to this many distinct times after 1dyn in the cohort, they
+            are the knots.
+        knot_coverage: fraction of the training cases that must reach a knot (at least
+            one case); later knots are dropped, and predictions hold the last knot's
+            change after it.
         seed: fixes the voxel sample.
     """
 
@@ -83,6 +84,9 @@ class RegressionConfig:
     lesion_stage: bool = True
     lesion_degree: int = 2
     lesion_alpha: float = 10.0
+    knot_spacing_s: float = 60.0
+    max_protocol_knots: int = 12
+    knot_coverage: float = 0.1
     seed: int = 0
 
 
@@ -93,7 +97,20 @@ def feature_names(config: RegressionConfig) -> list[str]:
         for sigma in config.sigmas_vox
         for name in ("enhancement", "relative_enhancement")
     ]
-    return ["pre", "post", "enhancement", "relative_enhancement", *smoothed, "roi_enhancement"]
+    return [
+        "pre",
+        "post",
+        "enhancement",
+        "relative_enhancement",
+        *smoothed,
+        "roi_enhancement",
+        "first_post_min",
+    ]
+
+
+def first_post_min(case: Case) -> float:
+    """The time of 1dyn after the pre scan, minutes."""
+    return float(case.times_s[1] - case.times_s[0]) / 60.0
 
 
 def voxel_features(case: Case, norm: TINorm, config: RegressionConfig) -> np.ndarray:
@@ -109,6 +126,7 @@ def voxel_features(case: Case, norm: TINorm, config: RegressionConfig) -> np.nda
         ]
     roi = case.roi > 0
     channels.append(np.full_like(pre, float(enhancement[roi].mean())))
+    channels.append(np.full_like(pre, first_post_min(case)))
     return np.stack(channels, axis=-1)
 
 
@@ -125,11 +143,12 @@ LESION_FEATURES = (
     "rim_relative_enhancement",
     "rim_fraction",
     "roi_enhancement",
+    "first_post_min",
 )
 """Per lesion: mean pre, 1dyn and enhancement (TI units), the relative enhancement's mean
 and percentiles, log volume, the relative enhancement of the core and of the rim (the
-voxels one erosion removes) and the rim's share of the voxels, and the case's mean
-enhancement inside the ROI."""
+voxels one erosion removes) and the rim's share of the voxels, the case's mean
+enhancement inside the ROI, and 1dyn's time after the pre scan."""
 
 
 def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
@@ -165,6 +184,7 @@ def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
                 relative[~core].mean(),
                 1.0 - core.mean(),
                 roi_enhancement,
+                first_post_min(case),
             ]
         )
     return labels, np.asarray(rows, dtype=np.float64).reshape(len(rows), len(LESION_FEATURES))
@@ -205,19 +225,38 @@ class PolynomialRidge:
     def fit(
         cls, features: np.ndarray, targets: np.ndarray, weights, degree: int, alpha: float
     ) -> PolynomialRidge:
-        """Fit on (N, F) features and (N, K) targets, with (N,) sample weights or None."""
-        poly = PolynomialFeatures(degree, include_bias=False).fit(features[:1])
-        terms = polynomial_terms(features, poly.powers_)
+        """Fit on (N, F) features and (N, K) targets, with (N,) sample weights or None.
+
+        A NaN target leaves its sample out of that target's fit. Terms of features that
+        are constant over the sample are left out: they carry nothing.
+        """
+        varying = np.ptp(features, axis=0) > 0
+        powers = PolynomialFeatures(degree, include_bias=False).fit(features[:1]).powers_
+        powers = powers[~(powers[:, ~varying] > 0).any(axis=1)].astype(np.int64)
+        terms = polynomial_terms(features, powers)
+        weights = np.ones(len(features)) if weights is None else np.asarray(weights, float)
+        coef = np.zeros((targets.shape[1], len(powers)))
+        intercept = np.zeros(targets.shape[1])
+        if not len(powers):
+            for target, column in enumerate(targets.T):
+                rows = np.isfinite(column)
+                intercept[target] = np.average(column[rows], weights=weights[rows])
+            return cls(powers, np.zeros(0), np.ones(0), coef, intercept)
         scaler = StandardScaler().fit(terms)
         scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-        ridge = Ridge(alpha=alpha).fit((terms - scaler.mean_) / scale, targets, weights)
-        return cls(
-            powers=poly.powers_.astype(np.int64),
-            term_mean=scaler.mean_,
-            term_scale=scale,
-            coef=np.atleast_2d(ridge.coef_),
-            intercept=np.atleast_1d(ridge.intercept_),
-        )
+        standardised = (terms - scaler.mean_) / scale
+        # One fit per set of targets that share their samples.
+        covered = np.isfinite(targets)
+        for mask in np.unique(covered, axis=1).T:
+            if not mask.any():
+                continue
+            group = (covered == mask[:, None]).all(axis=0)
+            ridge = Ridge(alpha=alpha).fit(
+                standardised[mask], targets[np.ix_(mask, group)], weights[mask]
+            )
+            coef[group] = np.atleast_2d(ridge.coef_)
+            intercept[group] = ridge.intercept_
+        return cls(powers, scaler.mean_, scale, coef, intercept)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, F) features -> (N, K) predictions."""
@@ -246,26 +285,33 @@ class PolynomialRidge:
             raise InputError(f"{path}: regression model holds non-finite values")
 
 
+def interpolation_matrix(nodes_s: Sequence[float], times_s: Sequence[float]) -> np.ndarray:
+    """(len(times_s), len(nodes_s)) weights of linear interpolation between the nodes,
+    held at the first and last node outside them: ``values_at_times = M @ values_at_nodes``."""
+    return np.stack([np.interp(times_s, nodes_s, unit) for unit in np.eye(len(nodes_s))], axis=1)
+
+
 @dataclass
 class RegressionModel:
     """A fitted regression model.
 
     Attributes:
         config: how it was fitted.
-        times_s: the protocol it was fitted on (pre first); it predicts phases 2.. of it.
-        voxel: the voxelwise stage, ``voxel_features`` -> ``phase_k - 1dyn`` (K targets).
-        lesion: the lesion-level stage, ``lesion_features`` -> the lesion's mean
-            ``phase_k - 1dyn``; None when it was not fitted.
+        knots_s: the times after 1dyn (s, increasing, positive) at which it predicts the
+            change from 1dyn; other times interpolate them.
+        voxel: the voxelwise stage, ``voxel_features`` -> the change at each knot.
+        lesion: the lesion-level stage, ``lesion_features`` -> the lesion's mean change
+            at each knot; None when it was not fitted.
     """
 
     config: RegressionConfig
-    times_s: list[float]
+    knots_s: list[float]
     voxel: PolynomialRidge
     lesion: PolynomialRidge | None = None
 
     @property
-    def n_targets(self) -> int:
-        return int(self.voxel.coef.shape[0])
+    def n_knots(self) -> int:
+        return len(self.knots_s)
 
     @property
     def n_terms(self) -> int:
@@ -273,7 +319,7 @@ class RegressionModel:
         return sum(len(stage.powers) for stage in (self.voxel, self.lesion) if stage is not None)
 
     def predict_change(self, case: Case, norm: TINorm, roi: np.ndarray) -> np.ndarray:
-        """(N, K) predicted ``phase_k - 1dyn`` in TI units of the N voxels of ``roi``.
+        """(N, knots) predicted change from 1dyn in TI units of the N voxels of ``roi``.
 
         Each lesion's voxels in the ROI are shifted to the lesion stage's mean change.
         """
@@ -291,38 +337,26 @@ class RegressionModel:
         return change
 
     def predict_case(self, case: Case) -> np.ndarray:
-        """(K, X, Y, Z) float32 predicted phases 2.. of ``case`` in signal units.
-
-        Raises:
-            InputError: the case's protocol is not the one the model was fitted on.
-        """
-        observed = [float(t) for t in case.times_s]
-        if observed[: len(self.times_s)] != self.times_s[: len(observed)]:
-            raise InputError(
-                f"{case.case_id}: this regression model predicts the protocol {self.times_s} s; "
-                f"the case has {list(case.times_s)}"
-            )
-        return self.predict_at(case, self.times_s[2:])
+        """(T - 2, X, Y, Z) float32: ``predict_at`` the case's own later phase times."""
+        return self.predict_at(case, case.times_s[2:])
 
     def predict_at(self, case: Case, times_s: Sequence[float]) -> np.ndarray:
         """(len(times_s), X, Y, Z) float32 phases of ``case`` at any times, signal units.
 
-        The predicted change from 1dyn is interpolated linearly in time between the
-        fitted protocol's phases (no change at its 1dyn time) and held constant before
-        and after them; at the fitted times it is ``predict_case``'s. Outside the breast
-        ROI every phase is the case's 1dyn.
+        The predicted change from 1dyn is interpolated linearly in time between the knots
+        (no change at 1dyn's time) and held constant before 1dyn and after the last knot.
+        Outside the breast ROI every phase is the case's 1dyn.
         """
         norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
         roi = case.roi > 0
         post = norm.forward(case.phases[1][roi])
         fitted = self.predict_change(case, norm, roi)
         change = np.concatenate([np.zeros((len(post), 1)), fitted], axis=1)
-        out = np.repeat(case.phases[1][None].astype(np.float32), len(times_s), axis=0)
-        fitted_times_s = self.times_s[1:]
-        for index, time_s in enumerate(times_s):
-            # The linear interpolation's weight of each fitted phase at time_s.
-            weights = [np.interp(time_s, fitted_times_s, unit) for unit in np.eye(change.shape[1])]
-            out[index][roi] = norm.inverse(post + change @ np.asarray(weights))
+        after_post_s = np.asarray(times_s, dtype=float) - float(case.times_s[1])
+        weights = interpolation_matrix([0.0, *self.knots_s], after_post_s)
+        out = np.repeat(case.phases[1][None].astype(np.float32), len(after_post_s), axis=0)
+        for index, row in enumerate(weights):
+            out[index][roi] = norm.inverse(post + change @ row)
         return out
 
     def predict_series(self, case: Case, times_s: Sequence[float]) -> np.ndarray:
@@ -339,10 +373,9 @@ class RegressionModel:
         metadata = {
             "model_class": "RegressionModel",
             "config": json.dumps(asdict(self.config)),
-            "times_s": json.dumps(self.times_s),
+            "knots_s": json.dumps(self.knots_s),
             "features": json.dumps(feature_names(self.config)),
             "lesion_features": json.dumps(list(LESION_FEATURES) if self.lesion is not None else []),
-            "n_targets": str(self.n_targets),
         }
         atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
 
@@ -362,7 +395,7 @@ class RegressionModel:
             )
             model = cls(
                 config=config,
-                times_s=[float(t) for t in json.loads(metadata["times_s"])],
+                knots_s=[float(t) for t in json.loads(metadata["knots_s"])],
                 voxel=PolynomialRidge(*(arrays[name] for name in STAGE_ARRAYS)),
                 lesion=PolynomialRidge(*(arrays[LESION_PREFIX + name] for name in STAGE_ARRAYS))
                 if LESION_PREFIX + "coef" in arrays
@@ -370,14 +403,17 @@ class RegressionModel:
             )
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a regression model ({exc})") from exc
-        model.voxel.check(path, len(feature_names(config)), model.n_targets)
+        if not model.knots_s or any(np.diff([0.0, *model.knots_s]) <= 0):
+            raise InputError(f"{path}: regression model knots must be positive and increasing")
+        model.voxel.check(path, len(feature_names(config)), model.n_knots)
         if model.lesion is not None:
-            model.lesion.check(path, len(LESION_FEATURES), model.n_targets)
+            model.lesion.check(path, len(LESION_FEATURES), model.n_knots)
         return model
 
 
 def _lesion_sample(case: Case, norm: TINorm) -> tuple[np.ndarray, np.ndarray]:
-    """One case's lesions: features (L, F) and mean ``phase_k - 1dyn`` targets (L, K)."""
+    """One case's lesions: features (L, F) and mean change from 1dyn at each later phase
+    (L, T - 2)."""
     labels, features = lesion_features(case, norm)
     change = norm.forward(case.phases[2:]) - norm.forward(case.phases[1])
     targets = [change[:, case.seg == label].mean(axis=1) for label in labels]
@@ -387,7 +423,8 @@ def _lesion_sample(case: Case, norm: TINorm) -> tuple[np.ndarray, np.ndarray]:
 def _training_sample(
     case: Case, norm: TINorm, config: RegressionConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One case's sampled voxels: features (N, F), targets (N, K), weights (N,)."""
+    """One case's sampled voxels: features (N, F), change from 1dyn at each later phase
+    (N, T - 2), weights (N,)."""
     features = voxel_features(case, norm, config)
     lesion = case.seg > 0
     background = np.argwhere((case.roi > 0) & ~lesion)
@@ -405,12 +442,45 @@ def _training_sample(
     return features[index], targets, weights
 
 
+def after_post_s(times_s: Sequence[float]) -> np.ndarray:
+    """(T - 2,) times of a protocol's later phases after its 1dyn, seconds."""
+    return np.asarray(times_s[2:], dtype=float) - float(times_s[1])
+
+
+def choose_knots(protocols: Sequence[Sequence[float]], config: RegressionConfig) -> list[float]:
+    """The knots of a cohort of these protocols (times, pre first): its distinct times
+    after 1dyn when there are at most ``config.max_protocol_knots``, else every
+    ``config.knot_spacing_s``; only knots that ``config.knot_coverage`` of the protocols
+    (at least one) reach."""
+    later = [after_post_s(times) for times in protocols]
+    distinct = np.unique(np.round(np.concatenate(later), 6))
+    if len(distinct) <= config.max_protocol_knots:
+        candidates = distinct
+    else:
+        spacing = config.knot_spacing_s
+        candidates = spacing * np.arange(1, int(distinct[-1] // spacing) + 2)
+    last = np.array([times[-1] for times in later])
+    needed = max(1, int(np.ceil(config.knot_coverage * len(later))))
+    return [float(knot) for knot in candidates if (last >= knot - 1e-6).sum() >= needed]
+
+
+def at_knots(change: np.ndarray, times_s: Sequence[float], knots_s: Sequence[float]) -> np.ndarray:
+    """(N, T - 2) change from 1dyn at a protocol's later phases -> (N, knots), linearly
+    interpolated (no change at 1dyn); NaN at knots after the protocol's last phase."""
+    later = after_post_s(times_s)
+    knots = np.asarray(knots_s, dtype=float)
+    weights = interpolation_matrix([0.0, *later], knots)
+    out = change @ weights[:, 1:].T
+    out[:, knots > later[-1] + 1e-6] = np.nan
+    return out
+
+
 def fit_regression(
     cases: Sequence[Callable[[], Case]],
     config: RegressionConfig = RegressionConfig(),
     on_case: Callable[[int], None] | None = None,
 ) -> RegressionModel:
-    """Fit the model on a cohort that shares one protocol.
+    """Fit the model on a cohort, of one protocol or of mixed ones.
 
     Args:
         cases: loaders of the training cases (called one at a time, so the cohort is
@@ -419,46 +489,40 @@ def fit_regression(
         on_case: progress callback, called with the number of cases done.
 
     Raises:
-        InputError: no case, or a protocol with no phase after 1dyn.
-        MixedProtocols: cases whose protocols differ.
+        InputError: no case, or a case with no phase after 1dyn.
     """
     if not cases:
         raise InputError("regression: no training case")
     rng = np.random.default_rng(config.seed)
-    features, targets, weights, times_s = [], [], [], None
-    lesion_rows, lesion_targets = [], []
+    voxel_samples, lesion_samples, protocols = [], [], []
     for done, load in enumerate(cases, 1):
         case = load()
-        if times_s is None:
-            times_s = [float(t) for t in case.times_s]
-            if len(times_s) < 3:
-                raise InputError(f"{case.case_id}: the regression needs a phase after 1dyn")
-        elif [float(t) for t in case.times_s] != times_s:
-            raise MixedProtocols(case.case_id, done - 1, list(case.times_s), times_s)
+        if len(case.times_s) < 3:
+            raise InputError(f"{case.case_id}: the regression needs a phase after 1dyn")
+        protocols.append([float(t) for t in case.times_s])
         norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
-        sample = _training_sample(case, norm, config, rng)
-        for store, part in zip((features, targets, weights), sample, strict=True):
-            store.append(part)
+        voxel_samples.append(_training_sample(case, norm, config, rng))
         if config.lesion_stage:
-            rows, lesion_change = _lesion_sample(case, norm)
-            lesion_rows.append(rows)
-            lesion_targets.append(lesion_change)
+            lesion_samples.append(_lesion_sample(case, norm))
         if on_case:
             on_case(done)
-    voxel = PolynomialRidge.fit(
-        np.concatenate(features),
-        np.concatenate(targets),
-        np.concatenate(weights),
-        config.degree,
-        config.alpha,
-    )
-    lesion = None
-    if sum(len(rows) for rows in lesion_rows):
-        lesion = PolynomialRidge.fit(
-            np.concatenate(lesion_rows),
-            np.concatenate(lesion_targets),
-            None,
-            config.lesion_degree,
-            config.lesion_alpha,
+    knots_s = choose_knots(protocols, config)
+
+    def stacked(samples):
+        """Features, targets at the knots and weights of every case's sample, stacked."""
+        features, targets, *weights = zip(*samples, strict=True)
+        return (
+            np.concatenate(features),
+            np.concatenate(
+                [at_knots(t, times, knots_s) for t, times in zip(targets, protocols, strict=True)]
+            ),
+            np.concatenate(weights[0]) if weights else None,
         )
-    return RegressionModel(config=config, times_s=times_s, voxel=voxel, lesion=lesion)
+
+    voxel = PolynomialRidge.fit(*stacked(voxel_samples), config.degree, config.alpha)
+    lesion = None
+    if sum(len(rows) for rows, _ in lesion_samples):
+        lesion = PolynomialRidge.fit(
+            *stacked(lesion_samples), config.lesion_degree, config.lesion_alpha
+        )
+    return RegressionModel(config=config, knots_s=knots_s, voxel=voxel, lesion=lesion)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ def train_regression(
     """Fit on every case of ``data_dir``; write the run's config and fitted model (``RunDir``).
 
     Args:
-        data_dir: folder of training cases sharing one protocol.
+        data_dir: folder of training cases, of one protocol or of mixed ones.
         run_dir: run folder to write.
         config: the run's config (``model.name == "regression"``).
         resume: a finished run in ``run_dir`` is kept and returned as it is.
@@ -48,5 +47,5 @@ def train_regression(
         on_case=(lambda done: on_case(done, len(loaders))) if on_case else None,
     )
     model.save(run.regression_file)
-    run.write_config(dataclasses.replace(config, n_targets=model.n_targets))
+    run.write_config(config)
     return model

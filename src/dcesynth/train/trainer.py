@@ -46,7 +46,7 @@ from dcesynth.data.sampling import (
 )
 from dcesynth.io import InputError
 from dcesynth.model import build_model
-from dcesynth.regression import MixedProtocols, RegressionModel, fit_regression
+from dcesynth.regression import RegressionModel, fit_regression
 from dcesynth.rundir import RunDir
 from dcesynth.train.checkpoint import (
     load_state,
@@ -413,8 +413,7 @@ def training_prior(
     with ``config.regression``; a resumed run reads the one it saved. None without a prior.
 
     Raises:
-        InputError: the training cases do not share one protocol, or a resumed run's
-            prior file is missing or unreadable.
+        InputError: a resumed run's prior file is missing or unreadable.
     """
     if config.model.prior != "regression":
         return None
@@ -422,15 +421,7 @@ def training_prior(
         return RegressionModel.load(run.prior_file)
     log.info("fitting the regression prior on %d training cases", len(train_dirs))
     loaders = [functools.partial(load_case, case_dir) for case_dir in train_dirs]
-    try:
-        return fit_regression(loaders, config.regression)
-    except MixedProtocols as exc:
-        raise InputError(
-            f"{train_dirs[exc.index]}: protocol {exc.times_s} s differs from "
-            f"{exc.cohort_times_s} s; "
-            "the regression prior fits one protocol: train with --prior none on a cohort "
-            "of mixed protocols"
-        ) from None
+    return fit_regression(loaders, config.regression)
 
 
 def load_training_cases(
