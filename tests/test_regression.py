@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dcesynth.case import Case, load_case, save_case
 from dcesynth.cli import app
-from dcesynth.data.tinorm import fit_case_norm
+from dcesynth.data.tinorm import fit_case_norm, fit_input_norm
 from dcesynth.io import InputError
 from dcesynth.kinetics import classify_curve, lesion_mean_curve
 from dcesynth.regression import (
@@ -55,9 +55,11 @@ def fitted(cases, **config) -> RegressionModel:
     return fit_regression([lambda case=case: case for case in cases], RegressionConfig(**options))
 
 
-def test_learns_a_voxelwise_law_of_pre_and_1dyn():
-    model = fitted([law_case(0), law_case(1)])
+@pytest.mark.parametrize("normalisation", ["ti", "pre"])
+def test_learns_a_voxelwise_law_of_pre_and_1dyn(normalisation):
+    model = fitted([law_case(0), law_case(1)], normalisation=normalisation)
     case = law_case(2)
+    assert model.config.case_norm(case) == fit_input_norm(case.phases, case.roi, normalisation)
     predicted = model.predict_case(case)
     roi = case.roi > 0
     for k in range(2):

@@ -174,6 +174,8 @@ def test_cli_ablation_flags_train_and_are_recorded(
         config["train"]["warmup_steps"] + config["train"]["optim_steps"]
         == PRESETS["demo"].train.total_steps
     )
+    # The regression model (a prior) is normalised as the network is.
+    assert config["regression"]["normalisation"] == config["model"]["normalisation"]
     log = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert (log["step"], log["stage"]) == (1, first_stage)
     tensors = load_file(run / "checkpoints" / "last.safetensors")

@@ -285,8 +285,8 @@ def train(
     normalisation: Annotated[
         str | None,
         typer.Option(
-            help="Networks' input normalisation: ti (TI-norm, the presets') or pre "
-            "(referenced to the pre-contrast phase)."
+            help="Intensity normalisation of the network and the regression model: ti "
+            "(TI-norm, the presets') or pre (referenced to the pre-contrast phase)."
         ),
     ] = None,
     scheduled_sampling: Annotated[

@@ -284,8 +284,8 @@ def preset(
         warmup: False is the ablation without the warm-up stage.
         seed: replaces the preset's seed (training and regression) when given.
         amp: replaces the preset's bf16 autocast setting when given.
-        normalisation: replaces the preset's input normalisation when given (a value of
-            ``NORMALISATIONS``).
+        normalisation: replaces the preset's intensity normalisation, the network's and
+            the regression model's (prior), when given (a value of ``NORMALISATIONS``).
         scheduled_sampling: replaces the preset's ``TrainConfig.scheduled_sampling``.
         case_features: replaces the preset's ``ModelConfig.case_features`` when given.
         prior: replaces the preset's ``ModelConfig.prior`` (a value of ``PRIORS``) when
@@ -342,7 +342,11 @@ def preset(
     )
     from dcesynth import __version__
 
-    regression = dataclasses.replace(base.regression, seed=train.seed)
+    regression = dataclasses.replace(
+        base.regression,
+        seed=train.seed,
+        normalisation=normalisation or base.regression.normalisation,
+    )
     return RunConfig(
         preset=name, model=model_config, train=train, regression=regression, version=__version__
     )

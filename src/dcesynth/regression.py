@@ -1,11 +1,13 @@
 """A classical model: ridge regression from features of pre and 1dyn to the later change.
 
-Per voxel, in TI units (the case's first post-contrast phase z-scored inside the
-breast ROI, as the networks see it), the features are the pre and 1dyn intensities,
-their difference, the relative enhancement ``(S1 - S0) / S0`` of the signal, both
-enhancement maps smoothed at a few spatial scales (a voxel's neighbourhood: lesion
-size, rim against core), the case's mean enhancement inside the ROI (background
-parenchymal enhancement) and the time of 1dyn after the pre scan. Their products up
+Per voxel, in the units of ``config.normalisation`` (TI units: the case's first
+post-contrast phase z-scored inside the breast ROI, as the paper's networks see it; or
+referenced to the pre-contrast mean, ``data.tinorm.fit_input_norm``), the features are
+the pre and 1dyn intensities, their difference, the relative enhancement
+``(S1 - S0) / S0`` of the signal, both enhancement maps smoothed at a few spatial
+scales (a voxel's neighbourhood: lesion size, rim against core), the case's mean
+enhancement inside the ROI (background parenchymal enhancement) and the time of 1dyn
+after the pre scan. Their products up
 to ``degree`` feed one ridge regression per knot, a time after 1dyn, fitted to the
 change from 1dyn there.
 
@@ -51,7 +53,7 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from dcesynth.case import Case
-from dcesynth.data.tinorm import TINorm, fit_case_norm, relative_enhancement
+from dcesynth.data.tinorm import NORMALISATIONS, TINorm, fit_input_norm, relative_enhancement
 from dcesynth.io import InputError, atomic_write_bytes
 
 
@@ -67,6 +69,9 @@ class RegressionConfig:
         lesion_stage: fit the lesion-level stage (module docstring) when the training
             cases hold lesions.
         lesion_degree, lesion_alpha: its terms' highest power and its ridge penalty.
+        normalisation: the intensity map of features and targets, one of
+            ``NORMALISATIONS``: ``"ti"`` (TI-norm) or ``"pre"`` (referenced to the
+            pre-contrast mean, whose scale noise and contrast uptake do not move).
         knot_spacing_s: spacing of the knots of a cohort whose times after 1dyn take more
             than ``max_protocol_knots`` values.
         max_protocol_knots: up to this many distinct times after 1dyn in the cohort, they
@@ -84,10 +89,22 @@ class RegressionConfig:
     lesion_stage: bool = True
     lesion_degree: int = 2
     lesion_alpha: float = 10.0
+    normalisation: str = "ti"
     knot_spacing_s: float = 60.0
     max_protocol_knots: int = 12
     knot_coverage: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"regression.normalisation must be one of {NORMALISATIONS}, "
+                f"got {self.normalisation!r}"
+            )
+
+    def case_norm(self, case: Case) -> TINorm:
+        """The map of ``case``'s intensities to the model's units."""
+        return fit_input_norm(case.phases, case.roi, self.normalisation, where=case.case_id)
 
 
 def feature_names(config: RegressionConfig) -> list[str]:
@@ -145,7 +162,7 @@ LESION_FEATURES = (
     "roi_enhancement",
     "first_post_min",
 )
-"""Per lesion: mean pre, 1dyn and enhancement (TI units), the relative enhancement's mean
+"""Per lesion: mean pre, 1dyn and enhancement (normalised units), the relative enhancement's mean
 and percentiles, log volume, the relative enhancement of the core and of the rim (the
 voxels one erosion removes) and the rim's share of the voxels, the case's mean
 enhancement inside the ROI, and 1dyn's time after the pre scan."""
@@ -319,7 +336,8 @@ class RegressionModel:
         return sum(len(stage.powers) for stage in (self.voxel, self.lesion) if stage is not None)
 
     def predict_change(self, case: Case, norm: TINorm, roi: np.ndarray) -> np.ndarray:
-        """(N, knots) predicted change from 1dyn in TI units of the N voxels of ``roi``.
+        """(N, knots) predicted change from 1dyn, in ``norm``'s units, of the N voxels of
+        ``roi``.
 
         Each lesion's voxels in the ROI are shifted to the lesion stage's mean change.
         """
@@ -347,7 +365,7 @@ class RegressionModel:
         (no change at 1dyn's time) and held constant before 1dyn and after the last knot.
         Outside the breast ROI every phase is the case's 1dyn.
         """
-        norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+        norm = self.config.case_norm(case)
         roi = case.roi > 0
         post = norm.forward(case.phases[1][roi])
         fitted = self.predict_change(case, norm, roi)
@@ -500,7 +518,7 @@ def fit_regression(
         if len(case.times_s) < 3:
             raise InputError(f"{case.case_id}: the regression needs a phase after 1dyn")
         protocols.append([float(t) for t in case.times_s])
-        norm = fit_case_norm(case.phases, case.roi, where=case.case_id)
+        norm = config.case_norm(case)
         voxel_samples.append(_training_sample(case, norm, config, rng))
         if config.lesion_stage:
             lesion_samples.append(_lesion_sample(case, norm))
