@@ -35,13 +35,17 @@ def test_every_configuration_is_valid_and_training_narrows_the_randomised_phanto
     training, randomised = shift.TRAINING, PHANTOMS["randomised"]
     assert configs["none"] == training
     assert set(training.field_strengths_t) < set(randomised.field_strengths_t)
-    assert set(training.aif_families) < set(randomised.aif_families)
+    assert training.n_phases_range[1] < randomised.n_phases_range[1]
+    assert training.aif_families == randomised.aif_families
     assert training.snr_range == randomised.snr_range
 
 
 def test_each_shift_leaves_the_training_range_in_its_own_factor_only():
     configs, training = shift.shift_configs(), shift.TRAINING
-    assert not set(configs["aif"].aif_families) & set(training.aif_families)
+    aif = configs["aif"]
+    assert aif.aif_rate_scale_range[0] > training.aif_rate_scale_range[1]
+    assert aif.aif_amplitude_range[1] < training.aif_amplitude_range[0]
+    assert aif.injection_duration_range_s[0] > training.injection_duration_range_s[1]
     assert not set(configs["field"].field_strengths_t) & set(training.field_strengths_t)
     assert configs["snr"].snr_range[1] < training.snr_range[0]
     assert configs["protocol"].n_phases_range[0] > training.n_phases_range[1]
