@@ -116,6 +116,11 @@ def test_foreign_or_damaged_model_files_are_refused(tmp_path):
     model.save(tmp_path / "nan.safetensors")
     with pytest.raises(InputError, match="nan.safetensors: regression model holds non-finite"):
         RegressionModel.load(tmp_path / "nan.safetensors")
+    model = fitted([law_case(0)])
+    model.knots_s = [70.0, 70.0]
+    model.save(tmp_path / "knots.safetensors")
+    with pytest.raises(InputError, match="knots.safetensors: regression model knots must be"):
+        RegressionModel.load(tmp_path / "knots.safetensors")
 
 
 def time_law_case(seed: int, times_s: list[float]) -> Case:

@@ -7,9 +7,8 @@ the pre and 1dyn intensities, their difference, the relative enhancement
 ``(S1 - S0) / S0`` of the signal, both enhancement maps smoothed at a few spatial
 scales (a voxel's neighbourhood: lesion size, rim against core), the case's mean
 enhancement inside the ROI (background parenchymal enhancement) and the time of 1dyn
-after the pre scan. Their products up
-to ``degree`` feed one ridge regression per knot, a time after 1dyn, fitted to the
-change from 1dyn there.
+after the pre scan. Their products up to ``degree`` feed one ridge regression per knot,
+a time after 1dyn, fitted to the change from 1dyn there.
 
 Time is continuous: each training case's change is interpolated linearly from its own
 phases (no change at 1dyn) to the knots it reaches, and a prediction interpolates the
