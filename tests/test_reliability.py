@@ -168,7 +168,9 @@ def test_non_finite_regression_prediction_is_refused_naming_the_run(tmp_path, mo
     atomic_write_json(run / "config.json", preset("demo", model="regression").to_json())
     case_dir = save_case(law_case(2, "case_r"), tmp_path / "data")
     monkeypatch.setattr(
-        RegressionModel, "predict_case", lambda self, case: np.full((2, *case.shape), np.nan)
+        RegressionModel,
+        "predict_at",
+        lambda self, case, times_s: np.full((len(times_s), *case.shape), np.nan),
     )
     line = error_line(cli("predict", run, case_dir, "--out", tmp_path / "out"))
     assert line == f"error: {run}: the prediction of case_r holds NaN or infinite voxels"
