@@ -20,6 +20,7 @@ from dcesynth.regression import (
     PolynomialRidge,
     RegressionConfig,
     RegressionModel,
+    arterial_enhancement,
     choose_knots,
     feature_names,
     fit_regression,
@@ -57,8 +58,8 @@ def fitted(cases, **config) -> RegressionModel:
 
 @pytest.mark.parametrize("normalisation", ["ti", "pre"])
 def test_learns_a_voxelwise_law_of_pre_and_1dyn(normalisation):
-    model = fitted([law_case(0), law_case(1)], normalisation=normalisation)
-    case = law_case(2)
+    model = fitted([law_case(seed) for seed in range(4)], normalisation=normalisation)
+    case = law_case(10)
     assert model.config.case_norm(case) == fit_input_norm(case.phases, case.roi, normalisation)
     predicted = model.predict_case(case)
     roi = case.roi > 0
@@ -88,8 +89,8 @@ def test_features_are_named_and_polynomial_terms_follow_their_powers():
     config = RegressionConfig(sigmas_vox=(1.0, 2.0))
     case = law_case(0)
     features = voxel_features(case, fit_case_norm(case.phases, case.roi), config)
-    assert features.shape == (*SHAPE, len(feature_names(config))) == (*SHAPE, 10)
-    assert len(set(feature_names(config))) == 10
+    assert features.shape == (*SHAPE, len(feature_names(config))) == (*SHAPE, 11)
+    assert len(set(feature_names(config))) == 11
     x = np.array([[2.0, 3.0], [-1.0, 0.5]])
     powers = np.array([[1, 0], [0, 2], [1, 1]])
     np.testing.assert_array_equal(polynomial_terms(x, powers), [[2, 9, 6], [-1, 0.25, -0.5]])
@@ -326,6 +327,57 @@ def test_lesion_features_on_a_known_lesion():
         np.percentile([0.5] * 8 + [1.5] * 56, 10)
     )
     assert named["pre"] == pytest.approx(float(norm.forward(np.float32(100.0))))
+
+
+def test_arterial_enhancement_is_the_blood_s_relative_enhancement_air_left_out():
+    shape = (30, 30, 20)
+    pre = np.full(shape, 100.0, dtype=np.float32)
+    post = np.full(shape, 110.0, dtype=np.float32)
+    heart = (slice(2, 18), slice(2, 18), slice(2, 18))
+    post[heart] = 300.0
+    # Air: no signal before contrast, noise after it, which would read as huge enhancement.
+    pre[:, 25:], post[:, 25:] = 0.0, 50.0
+    assert arterial_enhancement(pre, post, sigma_vox=0.0) == pytest.approx(2.0)
+    # Smoothing keeps the blood's value where the heart is thicker than a few sigmas.
+    assert arterial_enhancement(pre, post) == pytest.approx(2.0, abs=0.01)
+
+
+# An AIF law: every lesion's pre and 1dyn follow one distribution; where the blood had
+# enhanced strongly by 1dyn the lesion goes on enhancing, where weakly it washes out
+# (the same early uptake then comes from faster kinetics).
+HEART_BOX = (slice(14, 22), slice(14, 22), slice(2, 10))
+BLOOD_ENHANCEMENT = {"strong": 3.0, "weak": 1.0}
+AIF_LATE_FACTOR = {"strong": 1.25, "weak": 0.8}
+
+
+def aif_law_case(seed: int, bolus: str) -> Case:
+    rng = np.random.default_rng(seed)
+    pre = rng.uniform(80.0, 120.0, SHAPE).astype(np.float32)
+    post = pre * rng.uniform(1.0, 1.3, SHAPE).astype(np.float32)
+    post[HEART_BOX] = pre[HEART_BOX] * (1.0 + BLOOD_ENHANCEMENT[bolus])
+    seg = np.zeros(SHAPE, dtype=np.int16)
+    seg[4:10, 4:10, 3:9] = 1
+    lesion = seg > 0
+    post[lesion] = pre[lesion] * rng.uniform(1.5, 2.5, lesion.sum())
+    later = post.copy()
+    later[lesion] *= AIF_LATE_FACTOR[bolus]
+    roi = np.zeros(SHAPE, dtype=np.uint8)
+    roi[2:12, 2:12, 1:11] = 1
+    phases = np.stack([pre, post, later, later]).astype(np.float32)
+    return Case(f"{bolus}_{seed}", phases, TIMES, seg, roi, np.eye(4), source="test")
+
+
+def test_a_lesion_s_uptake_is_read_against_the_blood_s():
+    cohort = [aif_law_case(seed, bolus) for seed in range(6) for bolus in BLOOD_ENHANCEMENT]
+    model = fitted(cohort, lesion_stage=True, lesion_alpha=1e-3)
+    for bolus in BLOOD_ENHANCEMENT:
+        case = aif_law_case(100, bolus)
+        real = lesion_mean_curve(case.phases, case.seg, 1)
+        ours = lesion_mean_curve(
+            np.concatenate([case.phases[:2], model.predict_case(case)]), case.seg, 1
+        )
+        np.testing.assert_allclose(ours, real, rtol=0.02)
+        assert classify_curve(ours, TIMES) == classify_curve(real, TIMES)
 
 
 def test_a_cohort_without_lesions_fits_the_voxel_stage_alone(tmp_path):
