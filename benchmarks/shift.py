@@ -25,8 +25,10 @@ error at each case's last phase is compared with copying 1dyn forward (ratio of 
 case-bootstrap interval) and its curve-type agreement is given beside copy-forward's.
 
 Usage:
-    python benchmarks/shift.py train OUT [--cases 1000] [--seed 0]
-        simulates the training cohort into OUT (train the model on it with `dcesynth train`)
+    python benchmarks/shift.py train OUT [--cases 1000] [--seed 0] [--cohort none]
+        simulates the training cohort into OUT (train the model on it with `dcesynth train`);
+        ``--cohort SHIFT`` draws it from that test cohort's configuration instead, for a
+        model trained inside the shift (what pre and 1dyn allow there)
     python benchmarks/shift.py test RUN OUT [--lesions 60] [--seed 0] [--shape 64 64 32]
                                         [--shifts none,paper,aif,...]
         simulates every shift cohort (OUT/data/SHIFT), predicts it with RUN, evaluates it
@@ -127,8 +129,13 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def simulate_training(out: Path, cases: int, seed: int) -> None:
-    pipeline.simulate(out, cases, seed=seed, config=TRAINING)
+def simulate_training(out: Path, cases: int, seed: int, cohort: str = "none") -> None:
+    """Simulate ``cases`` training cases into ``out`` from ``shift_configs()[cohort]``
+    (``none``: ``TRAINING``), at ``TRAINING``'s shape."""
+    configs = shift_configs(TRAINING.shape)
+    if cohort not in configs:
+        raise ValueError(f"unknown cohort {cohort!r}; choose from {', '.join(configs)}")
+    pipeline.simulate(out, cases, seed=seed, config=configs[cohort])
 
 
 def run_shifts(
@@ -173,6 +180,7 @@ def main() -> None:
     train.add_argument("out", type=Path)
     train.add_argument("--cases", type=int, default=1000)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cohort", default="none", help="draw from this cohort's configuration")
     test = commands.add_parser("test", help="score a trained run on every shift cohort")
     test.add_argument("run", type=Path)
     test.add_argument("out", type=Path)
@@ -182,8 +190,8 @@ def main() -> None:
     test.add_argument("--shifts", help="comma-separated cohorts (default: all)")
     args = parser.parse_args()
     if args.command == "train":
-        simulate_training(args.out, args.cases, args.seed)
-        print(f"wrote {args.cases} training cases to {args.out}")
+        simulate_training(args.out, args.cases, args.seed, args.cohort)
+        print(f"wrote {args.cases} training cases ({args.cohort}) to {args.out}")
         return
     names = args.shifts.split(",") if args.shifts else None
     rows = run_shifts(args.run, args.out, args.lesions, args.seed, tuple(args.shape), names)

@@ -103,6 +103,15 @@ def test_summary_reads_the_ratio_and_agreements_from_metrics():
     assert shift.table({"snr": row}).splitlines()[1].split()[:4] == ["snr", "9", "11", "0.60"]
 
 
+def test_a_training_cohort_can_be_drawn_inside_a_shift(tmp_path, monkeypatch):
+    monkeypatch.setattr(shift, "TRAINING", dataclasses.replace(shift.TRAINING, shape=(32, 32, 16)))
+    shift.simulate_training(tmp_path / "protocol", 2, seed=3, cohort="protocol")
+    for meta in (tmp_path / "protocol").glob("*/meta.json"):
+        assert json.loads(meta.read_text())["times_s"] == [0, 60, 120, 180, 240, 300, 360]
+    with pytest.raises(ValueError, match=r"unknown cohort 'gantry'; choose from none, paper"):
+        shift.simulate_training(tmp_path / "x", 2, seed=3, cohort="gantry")
+
+
 @pytest.mark.slow
 def test_a_trained_run_is_scored_on_shift_cohorts(tmp_path):
     data = tmp_path / "train"
