@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
@@ -24,6 +25,7 @@ from dcesynth.regression import (
     choose_knots,
     feature_names,
     fit_regression,
+    knot_design,
     lesion_features,
     polynomial_terms,
     voxel_features,
@@ -122,6 +124,16 @@ def test_foreign_or_damaged_model_files_are_refused(tmp_path):
     model.save(tmp_path / "knots.safetensors")
     with pytest.raises(InputError, match="knots.safetensors: regression model knots must be"):
         RegressionModel.load(tmp_path / "knots.safetensors")
+    # A file whose features are not the ones computed now would be fed the wrong numbers.
+    other = tmp_path / "other.safetensors"
+    fitted([law_case(0)]).save(other)
+    with safe_open(other, framework="numpy") as handle:
+        metadata = handle.metadata()
+        arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    metadata["features"] = metadata["features"].replace("log_first_post_min", "first_post_min")
+    save_file(arrays, other, metadata=metadata)
+    with pytest.raises(InputError, match="other.safetensors: .* fitted on other features than"):
+        RegressionModel.load(other)
 
 
 def time_law_case(seed: int, times_s: list[float]) -> Case:
@@ -184,16 +196,35 @@ def test_features_constant_in_training_take_no_term():
     rng = np.random.default_rng(0)
     features = np.column_stack([rng.normal(size=50), np.full(50, 3.0), rng.normal(size=50)])
     targets = (features[:, 0] * features[:, 2])[:, None]
-    stage = PolynomialRidge.fit(features, targets, None, degree=2, alpha=1e-9)
+    stage = PolynomialRidge.fit([(features, targets, None, np.eye(1))], degree=2, alpha=1e-9)
     assert not stage.powers[:, 1].any()
     assert len(stage.powers) == 5  # x0, x2, x0^2, x0 x2, x2^2
     np.testing.assert_allclose(stage.predict(features), targets, atol=1e-6)
     # A target missing for half the samples is fitted on the other half.
     gap = np.where(np.arange(50) < 25, np.nan, 2 * targets[:, 0])
-    gapped = PolynomialRidge.fit(features, np.column_stack([targets, gap]), None, 2, 1e-9)
+    gapped = PolynomialRidge.fit(
+        [(features, np.column_stack([targets, gap]), None, np.eye(2))], 2, 1e-9
+    )
     np.testing.assert_allclose(
         gapped.predict(features), np.column_stack([targets, 2 * targets]), atol=1e-6
     )
+
+
+def test_outputs_seen_through_interpolation_are_fitted_at_the_observations():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 1))
+    knots = np.column_stack([2.0 * x[:, 0], 3.0 * x[:, 0] + 1.0])
+    # Knots at 60 and 120 s after 1dyn: one block is seen at 120 s, the other at 90 s
+    # only, half-way between them; neither observes the 60 s knot itself.
+    late = (x[:20], knots[:20, 1:], None, knot_design([0, 60, 180], [60.0, 120.0]))
+    between = (x[20:], knots[20:, :1] / 2 + knots[20:, 1:] / 2, None, np.array([[0.5, 0.5]]))
+    stage = PolynomialRidge.fit([late, between], degree=1, alpha=1e-9)
+    np.testing.assert_allclose(stage.predict(x), knots, atol=1e-6)
+
+
+def test_a_phase_after_the_last_knot_is_not_fitted():
+    design = knot_design([0, 60, 90, 150, 400], [30.0, 90.0])
+    np.testing.assert_allclose(design, [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
 
 
 def test_cli_trains_and_predicts_a_regression_run(tmp_path):
@@ -267,7 +298,7 @@ def size_law_case(seed: int) -> Case:
 
 
 def test_the_lesion_stage_learns_what_a_lesion_shows_as_a_whole():
-    cohort = [size_law_case(seed) for seed in range(8)]
+    cohort = [size_law_case(seed) for seed in range(12)]
     with_stage = fitted(cohort, lesion_stage=True, lesion_alpha=1e-3)
     voxel_only = fitted(cohort)
     case = size_law_case(100)
@@ -315,9 +346,10 @@ def test_lesion_features_on_a_known_lesion():
         np.diag([2.0, 2.0, 2.0, 1.0]),
     )
     norm = fit_case_norm(case.phases, case.roi)
-    labels, features = lesion_features(case, norm)
+    labels, features = lesion_features(case, norm, RegressionConfig(lesion_sigma_vox=0.0))
     assert labels == [2] and features.shape == (1, len(LESION_FEATURES))
     named = dict(zip(LESION_FEATURES, features[0], strict=True))
+    assert named["log_first_post_min"] == pytest.approx(0.0)  # 1dyn at 1 min
     assert named["log_volume_mm3"] == pytest.approx(np.log(64 * 8.0))
     assert named["rim_fraction"] == pytest.approx(56 / 64)
     assert named["core_relative_enhancement"] == pytest.approx(0.5)
@@ -327,6 +359,34 @@ def test_lesion_features_on_a_known_lesion():
         np.percentile([0.5] * 8 + [1.5] * 56, 10)
     )
     assert named["pre"] == pytest.approx(float(norm.forward(np.float32(100.0))))
+
+
+def test_lesion_statistics_read_on_the_smoothed_map_resist_noise():
+    rng = np.random.default_rng(3)
+    shape = (24, 24, 24)
+    seg = np.zeros(shape, dtype=np.int16)
+    seg[6:18, 6:18, 6:18] = 1
+    clean_pre = np.full(shape, 100.0)
+    clean_post = np.where(seg > 0, 200.0, 110.0)
+
+    def spread(sigma_vox: float, noise: float) -> float:
+        phases = [
+            (image + rng.normal(0.0, noise, shape)).astype(np.float32)
+            for image in (clean_pre, clean_post, clean_post)
+        ]
+        case = Case("noisy", np.stack(phases), [0.0, 90.0, 180.0], seg, np.ones(shape), np.eye(4))
+        norm = fit_case_norm(case.phases, case.roi)
+        _, features = lesion_features(case, norm, RegressionConfig(lesion_sigma_vox=sigma_vox))
+        named = dict(zip(LESION_FEATURES, features[0], strict=True))
+        return named["relative_enhancement_p90"] - named["relative_enhancement_p10"]
+
+    # The lesion is uniform: without noise its spread is its boundary's blur alone.
+    blur = spread(1.0, 0.0)
+    # At SNR 10 the raw percentiles spread by about 2.6 noise standard deviations of the
+    # ratio; on the map smoothed at 1 voxel the noise adds a fraction of that.
+    raw = spread(0.0, 10.0)
+    assert raw > 0.3
+    assert spread(1.0, 10.0) - blur < 0.25 * raw
 
 
 def test_arterial_enhancement_is_the_blood_s_relative_enhancement_air_left_out():

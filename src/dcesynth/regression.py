@@ -6,18 +6,19 @@ referenced to the pre-contrast mean, ``data.tinorm.fit_input_norm``), the featur
 the pre and 1dyn intensities, their difference, the relative enhancement
 ``(S1 - S0) / S0`` of the signal, both enhancement maps smoothed at a few spatial
 scales (a voxel's neighbourhood: lesion size, rim against core), the case's mean
-enhancement inside the ROI (background parenchymal enhancement), the time of 1dyn
-after the pre scan and the blood's relative enhancement at 1dyn
+enhancement inside the ROI (background parenchymal enhancement), the log of 1dyn's
+time after the pre scan and the blood's relative enhancement at 1dyn
 (``arterial_enhancement``), against which an early uptake is read. Their products up
-to ``degree`` feed one ridge regression per knot, a time after 1dyn, fitted to the
+to ``degree`` feed a ridge regression with one output per knot, a time after 1dyn: the
 change from 1dyn there.
 
-Time is continuous: each training case's change is interpolated linearly from its own
-phases (no change at 1dyn) to the knots it reaches, and a prediction interpolates the
-knots' changes to any time. A cohort of one protocol has its later phases as knots, so
-the model is then one regression per phase; a cohort of mixed protocols and times has
-knots every ``knot_spacing_s``. Features that do not vary in training (1dyn's time,
-in a cohort of one protocol) take no term.
+Time is continuous: the model predicts the change at a few knots, and a prediction
+interpolates the knots' changes linearly to any time (no change at 1dyn). It is fitted
+at each training case's own phases, through that interpolation, so a phase between two
+knots is fitted where it was acquired rather than read onto the knots. A cohort of one
+protocol has its later phases as knots, so the model is then one regression per phase;
+a cohort of mixed protocols and times has knots every ``knot_spacing_s``. Features that
+do not vary in training (1dyn's time, in a cohort of one protocol) take no term.
 
 Fitting samples every lesion voxel and a fixed number of other ROI voxels per case,
 weighted so that each case's lesions and each case's background count alike. Only the
@@ -25,9 +26,9 @@ breast ROI is predicted; outside it the output is the first post-contrast phase.
 
 A second, lesion-level stage reads each lesion of the case's ``seg`` as a whole, as a
 reader's kinetic ROI does: its mean pre and 1dyn, the spread of its relative
-enhancement, its volume, and its rim against its core. One more ridge regression per
-knot maps these to the lesion's mean change, and the voxelwise prediction inside the
-lesion is shifted to that mean. Nothing a voxel's neighbourhood shows carries a lesion's
+enhancement (on the map smoothed at ``lesion_sigma_vox``), its volume, and its rim
+against its core. One more ridge regression maps these to the lesion's mean change,
+and the voxelwise prediction inside the lesion is shifted to that mean. Nothing a voxel's neighbourhood shows carries a lesion's
 size and shape so well: fitted on 1,500 phantom cases, the stage takes the 5dyn lesion
 enhancement error from 0.60x to 0.57x and 0.53x copy-forward's on two test cohorts, and
 curve-type agreement from 0.66 to 0.70 and from 0.62 to 0.68 (docs/method.md). A case
@@ -50,8 +51,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 from scipy import ndimage
-from sklearn.linear_model import Ridge
-from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+from sklearn.preprocessing import PolynomialFeatures
 
 from dcesynth.case import Case
 from dcesynth.data.tinorm import NORMALISATIONS, TINorm, fit_input_norm, relative_enhancement
@@ -70,6 +70,10 @@ class RegressionConfig:
         lesion_stage: fit the lesion-level stage (module docstring) when the training
             cases hold lesions.
         lesion_degree, lesion_alpha: its terms' highest power and its ridge penalty.
+        lesion_sigma_vox: Gaussian smoothing of the relative enhancement map that the
+            lesion stage's statistics are read on, voxels (0: none). Below the SNR that
+            training saw, noise widens a lesion's raw percentiles and moves its means
+            less; smoothing keeps them where training had them.
         normalisation: the intensity map of features and targets, one of
             ``NORMALISATIONS``: ``"ti"`` (TI-norm) or ``"pre"`` (referenced to the
             pre-contrast mean, whose scale noise and contrast uptake do not move).
@@ -90,6 +94,7 @@ class RegressionConfig:
     lesion_stage: bool = True
     lesion_degree: int = 2
     lesion_alpha: float = 10.0
+    lesion_sigma_vox: float = 1.0
     normalisation: str = "ti"
     knot_spacing_s: float = 60.0
     max_protocol_knots: int = 12
@@ -122,14 +127,18 @@ def feature_names(config: RegressionConfig) -> list[str]:
         "relative_enhancement",
         *smoothed,
         "roi_enhancement",
-        "first_post_min",
+        "log_first_post_min",
         "arterial_enhancement",
     ]
 
 
-def first_post_min(case: Case) -> float:
-    """The time of 1dyn after the pre scan, minutes."""
-    return float(case.times_s[1] - case.times_s[0]) / 60.0
+def log_first_post_min(case: Case) -> float:
+    """The natural log of 1dyn's time after the pre scan, in minutes.
+
+    The change after 1dyn depends most steeply on 1dyn's time when 1dyn is early and the
+    uptake still rising; a quadratic in log time follows that where one in time cannot.
+    """
+    return float(np.log((case.times_s[1] - case.times_s[0]) / 60.0))
 
 
 ARTERIAL_PERCENTILE = 99.5
@@ -174,7 +183,7 @@ def voxel_features(case: Case, norm: TINorm, config: RegressionConfig) -> np.nda
         ]
     roi = case.roi > 0
     channels.append(np.full_like(pre, float(enhancement[roi].mean())))
-    channels.append(np.full_like(pre, first_post_min(case)))
+    channels.append(np.full_like(pre, log_first_post_min(case)))
     channels.append(np.full_like(pre, arterial_enhancement(case.phases[0], case.phases[1])))
     return np.stack(channels, axis=-1)
 
@@ -192,22 +201,27 @@ LESION_FEATURES = (
     "rim_relative_enhancement",
     "rim_fraction",
     "roi_enhancement",
-    "first_post_min",
+    "log_first_post_min",
     "arterial_enhancement",
 )
 """Per lesion: mean pre, 1dyn and enhancement (normalised units), the relative enhancement's mean
 and percentiles, log volume, the relative enhancement of the core and of the rim (the
 voxels one erosion removes) and the rim's share of the voxels, the case's mean
-enhancement inside the ROI, 1dyn's time after the pre scan and the blood's relative
-enhancement at 1dyn."""
+enhancement inside the ROI, the log of 1dyn's time after the pre scan and the blood's
+relative enhancement at 1dyn. The relative enhancement is read on the map smoothed at
+``RegressionConfig.lesion_sigma_vox``."""
 
 
-def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
+def lesion_features(
+    case: Case, norm: TINorm, config: RegressionConfig
+) -> tuple[list[int], np.ndarray]:
     """The labels of ``case.seg``'s lesions and their (L, F) features (``LESION_FEATURES``)."""
     roi = case.roi > 0
     pre, post = norm.forward(case.phases[0]), norm.forward(case.phases[1])
     roi_enhancement = float((post - pre)[roi].mean())
     relative_map = relative_enhancement(case.phases[0], case.phases[1])
+    if config.lesion_sigma_vox > 0:
+        relative_map = ndimage.gaussian_filter(relative_map, config.lesion_sigma_vox)
     arterial = arterial_enhancement(case.phases[0], case.phases[1])
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(case.affine, dtype=float)[:3, :3])))
     labels, rows = [], []
@@ -236,7 +250,7 @@ def lesion_features(case: Case, norm: TINorm) -> tuple[list[int], np.ndarray]:
                 relative[~core].mean(),
                 1.0 - core.mean(),
                 roi_enhancement,
-                first_post_min(case),
+                log_first_post_min(case),
                 arterial,
             ]
         )
@@ -276,40 +290,57 @@ class PolynomialRidge:
 
     @classmethod
     def fit(
-        cls, features: np.ndarray, targets: np.ndarray, weights, degree: int, alpha: float
+        cls,
+        blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]],
+        degree: int,
+        alpha: float,
     ) -> PolynomialRidge:
-        """Fit on (N, F) features and (N, K) targets, with (N,) sample weights or None.
+        """Fit K outputs that are seen only through linear combinations of them.
 
-        A NaN target leaves its sample out of that target's fit. Terms of features that
-        are constant over the sample are left out: they carry nothing.
+        Each block is (features (N, F), observed (N, T), weights (N,) or None, design
+        (T, K)): the block's samples' observed value t is ``design[t] @ outputs``. One
+        ridge regression (penalty ``alpha`` on the standardised terms, none on the
+        intercepts) is fitted to every observation at once, so a case whose phases fall
+        between knots is fitted at its phases, not at values interpolated onto the knots.
+        A NaN observation leaves that value out. Terms of features that are constant over
+        the samples are left out: they carry nothing.
         """
+        features = np.concatenate([block[0] for block in blocks])
         varying = np.ptp(features, axis=0) > 0
         powers = PolynomialFeatures(degree, include_bias=False).fit(features[:1]).powers_
         powers = powers[~(powers[:, ~varying] > 0).any(axis=1)].astype(np.int64)
         terms = polynomial_terms(features, powers)
-        weights = np.ones(len(features)) if weights is None else np.asarray(weights, float)
-        coef = np.zeros((targets.shape[1], len(powers)))
-        intercept = np.zeros(targets.shape[1])
-        if not len(powers):
-            for target, column in enumerate(targets.T):
-                rows = np.isfinite(column)
-                intercept[target] = np.average(column[rows], weights=weights[rows])
-            return cls(powers, np.zeros(0), np.ones(0), coef, intercept)
-        scaler = StandardScaler().fit(terms)
-        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-        standardised = (terms - scaler.mean_) / scale
-        # One fit per set of targets that share their samples.
-        covered = np.isfinite(targets)
-        for mask in np.unique(covered, axis=1).T:
-            if not mask.any():
-                continue
-            group = (covered == mask[:, None]).all(axis=0)
-            ridge = Ridge(alpha=alpha).fit(
-                standardised[mask], targets[np.ix_(mask, group)], weights[mask]
+        term_mean = terms.mean(axis=0)
+        term_scale = terms.std(axis=0)
+        term_scale = np.where(term_scale > 0, term_scale, 1.0)
+        n_terms, n_outputs = len(powers) + 1, blocks[0][3].shape[1]
+        normal = np.zeros((n_terms * n_outputs,) * 2)
+        moment = np.zeros((n_terms, n_outputs))
+        start = 0
+        for block_features, observed, weights, design in blocks:
+            rows = slice(start, start + len(block_features))
+            start = rows.stop
+            # The intercept is the last column: no penalty falls on it.
+            design_matrix = np.column_stack(
+                [(terms[rows] - term_mean) / term_scale, np.ones(len(block_features))]
             )
-            coef[group] = np.atleast_2d(ridge.coef_)
-            intercept[group] = ridge.intercept_
-        return cls(powers, scaler.mean_, scale, coef, intercept)
+            weights = np.ones(len(design_matrix)) if weights is None else np.asarray(weights)
+            seen = np.isfinite(observed)
+            for pattern in np.unique(seen, axis=0):
+                samples = (seen == pattern).all(axis=1)
+                z, y, mix = (
+                    design_matrix[samples],
+                    observed[np.ix_(samples, pattern)],
+                    design[pattern],
+                )
+                weighted = z * weights[samples, None]
+                normal += np.kron(mix.T @ mix, weighted.T @ z)
+                moment += weighted.T @ y @ mix
+        penalty = np.tile(np.r_[np.full(n_terms - 1, alpha), 0.0], n_outputs)
+        solution = np.linalg.lstsq(
+            normal + np.diag(penalty), moment.flatten(order="F"), rcond=None
+        )[0].reshape((n_terms, n_outputs), order="F")
+        return cls(powers, term_mean, term_scale, solution[:-1].T, solution[-1])
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, F) features -> (N, K) predictions."""
@@ -380,7 +411,7 @@ class RegressionModel:
         change = self.voxel.predict(voxel_features(case, norm, self.config)[roi])
         if self.lesion is None:
             return change
-        labels, features = lesion_features(case, norm)
+        labels, features = lesion_features(case, norm, self.config)
         if not labels:
             return change
         lesion_of_voxel = case.seg[roi]
@@ -459,16 +490,25 @@ class RegressionModel:
             raise InputError(f"{path}: not a regression model ({exc})") from exc
         if not model.knots_s or any(np.diff([0.0, *model.knots_s]) <= 0):
             raise InputError(f"{path}: regression model knots must be positive and increasing")
+        lesion_names = list(LESION_FEATURES) if model.lesion is not None else []
+        for key, names in (("features", feature_names(config)), ("lesion_features", lesion_names)):
+            if json.loads(metadata.get(key, "[]")) != names:
+                raise InputError(
+                    f"{path}: regression model was fitted on other {key.replace('_', ' ')} "
+                    f"than dcesynth computes; fit it again"
+                )
         model.voxel.check(path, len(feature_names(config)), model.n_knots)
         if model.lesion is not None:
             model.lesion.check(path, len(LESION_FEATURES), model.n_knots)
         return model
 
 
-def _lesion_sample(case: Case, norm: TINorm) -> tuple[np.ndarray, np.ndarray]:
+def _lesion_sample(
+    case: Case, norm: TINorm, config: RegressionConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """One case's lesions: features (L, F) and mean change from 1dyn at each later phase
     (L, T - 2)."""
-    labels, features = lesion_features(case, norm)
+    labels, features = lesion_features(case, norm, config)
     change = norm.forward(case.phases[2:]) - norm.forward(case.phases[1])
     targets = [change[:, case.seg == label].mean(axis=1) for label in labels]
     return features, np.asarray(targets, dtype=np.float64).reshape(len(labels), len(change))
@@ -518,15 +558,15 @@ def choose_knots(protocols: Sequence[Sequence[float]], config: RegressionConfig)
     return [float(knot) for knot in candidates if (last >= knot - 1e-6).sum() >= needed]
 
 
-def at_knots(change: np.ndarray, times_s: Sequence[float], knots_s: Sequence[float]) -> np.ndarray:
-    """(N, T - 2) change from 1dyn at a protocol's later phases -> (N, knots), linearly
-    interpolated (no change at 1dyn); NaN at knots after the protocol's last phase."""
+def knot_design(times_s: Sequence[float], knots_s: Sequence[float]) -> np.ndarray:
+    """(T - 2, knots) weights that make the change from 1dyn at a protocol's later phases
+    from the changes at the knots: linear interpolation (no change at 1dyn). A phase after
+    the last knot has a row of zeros: predictions hold the last knot's change there, which
+    training does not fit to."""
     later = after_post_s(times_s)
-    knots = np.asarray(knots_s, dtype=float)
-    weights = interpolation_matrix([0.0, *later], knots)
-    out = change @ weights[:, 1:].T
-    out[:, knots > later[-1] + 1e-6] = np.nan
-    return out
+    design = interpolation_matrix([0.0, *knots_s], later)[:, 1:]
+    design[later > float(knots_s[-1]) + 1e-6] = 0.0
+    return design
 
 
 def fit_regression(
@@ -557,26 +597,24 @@ def fit_regression(
         norm = config.case_norm(case)
         voxel_samples.append(_training_sample(case, norm, config, rng))
         if config.lesion_stage:
-            lesion_samples.append(_lesion_sample(case, norm))
+            lesion_samples.append(_lesion_sample(case, norm, config))
         if on_case:
             on_case(done)
     knots_s = choose_knots(protocols, config)
-
-    def stacked(samples):
-        """Features, targets at the knots and weights of every case's sample, stacked."""
-        features, targets, *weights = zip(*samples, strict=True)
-        return (
-            np.concatenate(features),
-            np.concatenate(
-                [at_knots(t, times, knots_s) for t, times in zip(targets, protocols, strict=True)]
-            ),
-            np.concatenate(weights[0]) if weights else None,
-        )
-
-    voxel = PolynomialRidge.fit(*stacked(voxel_samples), config.degree, config.alpha)
+    designs = [knot_design(times, knots_s) for times in protocols]
+    voxel = PolynomialRidge.fit(
+        [(*sample, design) for sample, design in zip(voxel_samples, designs, strict=True)],
+        config.degree,
+        config.alpha,
+    )
     lesion = None
     if sum(len(rows) for rows, _ in lesion_samples):
         lesion = PolynomialRidge.fit(
-            *stacked(lesion_samples), config.lesion_degree, config.lesion_alpha
+            [
+                (features, targets, None, design)
+                for (features, targets), design in zip(lesion_samples, designs, strict=True)
+            ],
+            config.lesion_degree,
+            config.lesion_alpha,
         )
     return RegressionModel(config=config, knots_s=knots_s, voxel=voxel, lesion=lesion)
