@@ -28,11 +28,12 @@ A second, lesion-level stage reads each lesion of the case's ``seg`` as a whole,
 reader's kinetic ROI does: its mean pre and 1dyn, the spread of its relative
 enhancement (on the map smoothed at ``lesion_sigma_vox``), its volume, and its rim
 against its core. One more ridge regression maps these to the lesion's mean change,
-and the voxelwise prediction inside the lesion is shifted to that mean. Nothing a voxel's neighbourhood shows carries a lesion's
-size and shape so well: fitted on 1,500 phantom cases, the stage takes the 5dyn lesion
-enhancement error from 0.60x to 0.57x and 0.53x copy-forward's on two test cohorts, and
-curve-type agreement from 0.66 to 0.70 and from 0.62 to 0.68 (docs/method.md). A case
-with no lesion labelled gets the voxelwise prediction alone.
+and the voxelwise prediction inside the lesion is shifted to that mean. Nothing a
+voxel's neighbourhood shows carries a lesion's size and shape so well: fitted on 1,500
+phantom cases, the stage takes the 5dyn lesion enhancement error from 0.60x to 0.57x
+and 0.53x copy-forward's on two test cohorts, and curve-type agreement from 0.66 to
+0.70 and from 0.62 to 0.68 (docs/method.md). A case with no lesion labelled gets the
+voxelwise prediction alone.
 
 The fitted model is a few arrays (term exponents, scaler, coefficients), stored as
 safetensors with the feature names, knots and configuration in its metadata: no
