@@ -487,13 +487,16 @@ class RegressionModel:
                 if LESION_PREFIX + "coef" in arrays
                 else None,
             )
+            stored_names = {
+                key: json.loads(metadata.get(key, "[]")) for key in ("features", "lesion_features")
+            }
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a regression model ({exc})") from exc
         if not model.knots_s or any(np.diff([0.0, *model.knots_s]) <= 0):
             raise InputError(f"{path}: regression model knots must be positive and increasing")
         lesion_names = list(LESION_FEATURES) if model.lesion is not None else []
         for key, names in (("features", feature_names(config)), ("lesion_features", lesion_names)):
-            if json.loads(metadata.get(key, "[]")) != names:
+            if stored_names[key] != names:
                 raise InputError(
                     f"{path}: regression model was fitted on other {key.replace('_', ' ')} "
                     f"than dcesynth computes; fit it again"
