@@ -297,6 +297,18 @@ def size_law_case(seed: int) -> Case:
     return Case(f"size_{seed}", phases, TIMES, seg, roi, np.eye(4), source="test")
 
 
+def test_the_lesion_stage_penalty_is_per_lesion():
+    # Every case twice: twice the data and twice the penalty, so the same fit; an absolute
+    # penalty would shrink the smaller cohort's fit harder.
+    cohort = [size_law_case(seed) for seed in range(6)]
+    once = fitted(cohort, lesion_stage=True, lesion_alpha=0.05).lesion
+    twice = fitted(cohort + cohort, lesion_stage=True, lesion_alpha=0.05).lesion
+    np.testing.assert_allclose(twice.coef, once.coef, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(twice.intercept, once.intercept, rtol=1e-6)
+    stronger = fitted(cohort, lesion_stage=True, lesion_alpha=0.5).lesion
+    assert np.linalg.norm(stronger.coef) < np.linalg.norm(once.coef)
+
+
 def test_the_lesion_stage_learns_what_a_lesion_shows_as_a_whole():
     cohort = [size_law_case(seed) for seed in range(12)]
     with_stage = fitted(cohort, lesion_stage=True, lesion_alpha=1e-3)

@@ -70,7 +70,13 @@ class RegressionConfig:
         background_voxels_per_case: non-lesion ROI voxels sampled per training case.
         lesion_stage: fit the lesion-level stage (module docstring) when the training
             cases hold lesions.
-        lesion_degree, lesion_alpha: its terms' highest power and its ridge penalty.
+        lesion_degree: its terms' highest power.
+        lesion_alpha: its ridge penalty per training lesion: the stage's penalty is this
+            times the number of lesions, so a cohort of 100 lesions and one of 2,000 are
+            held to the same strength. The stage has about 120 terms per knot; on cohorts
+            of mixed protocols their fit reaches past what the lesions pin down, and
+            shrinking it harder than the voxel stage keeps predictions on shifted cohorts
+            close to the average change (docs/method.md).
         lesion_sigma_vox: Gaussian smoothing of the relative enhancement map that the
             lesion stage's statistics are read on, voxels (0: none). Below the SNR that
             training saw, noise widens a lesion's raw percentiles and moves its means
@@ -94,7 +100,7 @@ class RegressionConfig:
     background_voxels_per_case: int = 2000
     lesion_stage: bool = True
     lesion_degree: int = 2
-    lesion_alpha: float = 10.0
+    lesion_alpha: float = 0.05
     lesion_sigma_vox: float = 1.0
     normalisation: str = "ti"
     knot_spacing_s: float = 60.0
@@ -612,13 +618,14 @@ def fit_regression(
         config.alpha,
     )
     lesion = None
-    if sum(len(rows) for rows, _ in lesion_samples):
+    n_lesions = sum(len(rows) for rows, _ in lesion_samples)
+    if n_lesions:
         lesion = PolynomialRidge.fit(
             [
                 (features, targets, None, design)
                 for (features, targets), design in zip(lesion_samples, designs, strict=True)
             ],
             config.lesion_degree,
-            config.lesion_alpha,
+            config.lesion_alpha * n_lesions,
         )
     return RegressionModel(config=config, knots_s=knots_s, voxel=voxel, lesion=lesion)
