@@ -29,7 +29,7 @@ Usage:
         simulates the training cohort into OUT (train the model on it with `dcesynth train`);
         ``--cohort SHIFT`` draws it from that test cohort's configuration instead, for a
         model trained inside the shift (what pre and 1dyn allow there)
-    python benchmarks/shift.py test RUN OUT [--lesions 120] [--seed 0] [--shape 64 64 32]
+    python benchmarks/shift.py test RUN OUT [--lesions 300] [--seed 0] [--shape 64 64 32]
                                         [--shifts none,paper,aif,...]
         simulates every shift cohort (OUT/data/SHIFT), predicts it with RUN, evaluates it
         (OUT/reports/SHIFT) and writes OUT/shift.json; the last lines are the table
@@ -184,8 +184,9 @@ def main() -> None:
     test = commands.add_parser("test", help="score a trained run on every shift cohort")
     test.add_argument("run", type=Path)
     test.add_argument("out", type=Path)
-    # Sixty lesions leave a ratio's interval too wide to tell anything from 1.
-    test.add_argument("--lesions", type=int, default=120)
+    # A few lesions carry most of a cohort's squared error: one model scored 0.78x and
+    # 0.58x copy-forward on two in-distribution cohorts of 120 and 200 lesions.
+    test.add_argument("--lesions", type=int, default=300)
     test.add_argument("--seed", type=int, default=0)
     test.add_argument("--shape", type=int, nargs=3, default=SHAPE)
     test.add_argument("--shifts", help="comma-separated cohorts (default: all)")
