@@ -5,9 +5,10 @@ import json
 import pytest
 
 from dcesynth import pipeline
+from dcesynth.case import PAPER_TIMES_S
 from dcesynth.cli import REPORTER
 from dcesynth.manifest import read_manifest
-from dcesynth.phantom import cases_for_lesions
+from dcesynth.phantom import PHANTOMS, cases_for_lesions
 from dcesynth.rundir import RunDir
 
 SIZES = dict(train_cases=3, test_lesions=2, shape=(32, 32, 16), seed=0)
@@ -90,3 +91,22 @@ def test_a_prior_never_lengthens_the_free_running_stage(name):
     assert prior.warmup_steps == plain.warmup_steps
     assert prior.optim_steps == min(plain.optim_steps, plain.warmup_steps)
     assert preset(name, prior="regression", warmup=False).train.optim_steps == plain.total_steps
+
+
+def test_training_is_randomised_at_the_paper_protocol_and_testing_is_the_default(comparison):
+    out, _ = comparison
+
+    def drawn(cohort):
+        metas = [
+            json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted(out.glob(f"data/{cohort}/*/meta.json"))
+        ]
+        return {tuple(m["times_s"]) for m in metas}, {m["acquisition"]["tr_ms"] for m in metas}
+
+    train_times, train_tr_ms = drawn("train")
+    test_times, test_tr_ms = drawn("test")
+    assert train_times == test_times == {PAPER_TIMES_S}
+    assert len(train_tr_ms) == 3
+    low, high = (1e3 * t for t in PHANTOMS["randomised"].tr_range_s)
+    assert all(low <= tr <= high for tr in train_tr_ms)
+    assert test_tr_ms == {1e3 * PHANTOMS["default"].tr_range_s[0]}

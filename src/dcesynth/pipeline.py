@@ -13,12 +13,13 @@ continues where it stopped; predictions and the report are made again.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dcesynth import report
-from dcesynth.case import expand_case_folders, load_case, phase_names
+from dcesynth.case import PAPER_TIMES_S, expand_case_folders, load_case, phase_names
 from dcesynth.config import RunConfig, preset
 from dcesynth.guards import (
     check_disk_space,
@@ -30,6 +31,7 @@ from dcesynth.guards import (
 from dcesynth.io import InputError, check_output_dir, check_writable_dir
 from dcesynth.manifest import PredictedCase, read_manifest, write_manifest
 from dcesynth.phantom import (
+    PHANTOMS,
     PhantomConfig,
     cases_for_lesions,
     check_cohort,
@@ -43,6 +45,11 @@ if TYPE_CHECKING:
 
 COMPARISON_SHAPE = (64, 64, 32)
 """(X, Y, Z) voxels of the comparison's cases: small enough to train on a CPU."""
+
+COMPARISON_TRAINING_PHANTOM = dataclasses.replace(PHANTOMS["randomised"], times_s=PAPER_TIMES_S)
+"""The comparison's training cohort: scanner, injection, noise, anatomy and orientation
+drawn from the ``randomised`` ranges, at the paper's protocol, which the baseline (tied
+to its training phases) and the test cohort (the ``default`` phantom) share."""
 
 VARIANTS = {
     "iterunet": {"model": "iterunet"},
@@ -301,9 +308,10 @@ def run_comparison(
 ) -> Path:
     """Simulate training and test cohorts, train each variant, predict the test cases, evaluate.
 
-    Writes OUT/data/{train,test}, OUT/cohort/index.html (the training cohort's lesion
-    curves by type), OUT/runs/VARIANT, OUT/predictions/VARIANT and OUT/report; what is
-    kept on a second call: see the module docstring.
+    The training cohort is ``COMPARISON_TRAINING_PHANTOM``, the test cohort the
+    ``default`` phantom. Writes OUT/data/{train,test}, OUT/cohort/index.html (the
+    training cohort's lesion curves by type), OUT/runs/VARIANT, OUT/predictions/VARIANT
+    and OUT/report; what is kept on a second call: see the module docstring.
 
     Args:
         out: the comparison's folder.
@@ -323,12 +331,13 @@ def run_comparison(
 
     out = Path(out)
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    for folder, count, cohort_seed in (
-        (train_dir, train_cases, seed),
-        (test_dir, cases_for_lesions(test_lesions, seed + 1), seed + 1),
+    for folder, count, cohort_seed, phantom in (
+        (train_dir, train_cases, seed, COMPARISON_TRAINING_PHANTOM),
+        (test_dir, cases_for_lesions(test_lesions, seed + 1), seed + 1, PHANTOMS["default"]),
     ):
         if not cohort_exists(folder, count):
-            simulate(folder, count, cohort_seed, PhantomConfig(shape=shape), reporter=reporter)
+            cohort = dataclasses.replace(phantom, shape=shape)
+            simulate(folder, count, cohort_seed, cohort, reporter=reporter)
     if not (out / "cohort" / "index.html").is_file():
         report_cohort(train_dir, out / "cohort", reporter)
     predictions = {}
