@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import os
 import shutil
 
@@ -189,7 +190,9 @@ def bad_config(run):
 
 def unknown_normalisation(run):
     path = run / "config.json"
-    path.write_text(path.read_text(encoding="utf-8").replace('"ti"', '"zscore"'))
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["model"]["normalisation"] = "zscore"
+    path.write_text(json.dumps(config), encoding="utf-8")
     return "model.normalisation must be one of ('ti', 'pre'), got 'zscore'"
 
 

@@ -286,7 +286,7 @@ def train(
         str | None,
         typer.Option(
             help="Intensity normalisation of the network and the regression model: ti "
-            "(TI-norm, the presets') or pre (referenced to the pre-contrast phase)."
+            "(TI-norm; paper, gpu) or pre (referenced to the pre-contrast phase; demo, cpu)."
         ),
     ] = None,
     scheduled_sampling: Annotated[
